@@ -1,0 +1,3 @@
+from modeldeploy.cli import main
+
+raise SystemExit(main())
