@@ -7,13 +7,15 @@ import logging
 import sys
 
 from modeldeploy import __version__
+from modeldeploy.pull import cli as pull_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modeldeploy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"modeldeploy {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    pull_cli.register(commands)
     return parser
 
 

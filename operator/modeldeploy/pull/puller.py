@@ -1,0 +1,299 @@
+"""The pull: resolve the revision to a commit, choose the files, check the cache has room, then download in
+supervised attempts (retries with backoff and jitter, stall and deadline cut-offs, progress lines), and write the
+completion marker only once every file is verified.
+
+Everything the operator needs comes out as JSON lines on stdout (`progress`, then `complete` or `failed`), and the
+last one also goes to the container's termination message file, so neither the pod nor the operator needs more
+than the pod's log and status."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from modeldeploy import cache_layout
+from modeldeploy.pull import worker
+from modeldeploy.pull.errors import PullError, Reason, classify
+from modeldeploy.pull.integrity import Expected
+from modeldeploy.pull.selection import select
+from modeldeploy.pull.sources import Source
+
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# Headroom kept free when checking that the cache can hold a download.
+FREE_SPACE_MARGIN = 64 * 1024 * 1024
+
+Emit = Callable[[dict], None]
+
+
+@dataclass
+class PullOptions:
+    source: Source
+    repo_id: str
+    revision: str
+    cache_dir: Path
+    endpoint: str | None = None
+    patterns: list[str] | None = None
+    excludes: list[str] = field(default_factory=list)
+    allow_pickle: bool = False
+    checksums: dict[str, str] = field(default_factory=dict)
+    timeout: float = 30.0
+    retries: int = 5
+    retry_wait: float = 2.0
+    workers: int = 4
+    stall_timeout: float = 60.0
+    stall_bytes: int = 64 * 1024
+    deadline: float | None = None
+    progress_interval: float = 5.0
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def hub(self) -> str:
+        return (self.endpoint or self.source.endpoint).rstrip("/")
+
+    def selection_spec(self) -> list[str]:
+        """What decides the file set, for the completion marker's key."""
+        return [f"files={self.patterns}", f"exclude={sorted(self.excludes)}", f"pickle={self.allow_pickle}"]
+
+
+class Puller:
+    def __init__(self, options: PullOptions, emit: Emit):
+        self.o = options
+        self.emit = emit
+        self.started = time.monotonic()
+        self.deadline = self.started + options.deadline if options.deadline else None
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        commit = self.resolve()
+        marker = cache_layout.marker_path(self.o.cache_dir, self.o.repo_id, commit, self.o.selection_spec())
+        record = cache_layout.read_marker(marker)
+        if record and self.snapshot_intact(commit, record["files"]):
+            return self.result(commit, record, downloaded=0, cached=True)
+
+        files = self.with_retries("listing the repository", lambda: self.list_files(commit))
+        missing = [f for f in files if not self.present(commit, f)]
+        self.check_space(sum(f.size or 0 for f in missing))
+        checks = self.download(commit, files)
+        record = {
+            "repo": self.o.repo_id, "commit": commit, "source": self.o.source.name, "endpoint": self.o.hub,
+            "files": {f.path: {"size": f.size, "check": checks[f.path]} for f in files},
+            "bytes": sum(f.size or 0 for f in files),
+        }
+        cache_layout.write_marker(marker, record)
+        self.write_ref(commit)
+        return self.result(commit, record, downloaded=sum(f.size or 0 for f in missing), cached=False)
+
+    def resolve(self) -> str:
+        if COMMIT_RE.match(self.o.revision):
+            return self.o.revision
+
+        def info() -> str:
+            from huggingface_hub import HfApi
+
+            api = HfApi(endpoint=self.o.hub, token=self.o.token or False)
+            return api.model_info(self.o.repo_id, revision=self.o.revision, timeout=self.o.timeout).sha
+
+        return self.with_retries(f"resolving {self.o.repo_id}@{self.o.revision}", info)
+
+    def list_files(self, commit: str) -> list[Expected]:
+        from huggingface_hub import HfApi
+        from huggingface_hub.hf_api import RepoFile
+
+        api = HfApi(endpoint=self.o.hub, token=self.o.token or False)
+        entries = {e.path: e for e in api.list_repo_tree(self.o.repo_id, revision=commit, recursive=True)
+                   if isinstance(e, RepoFile)}
+        chosen = select(list(entries), self.o.patterns, self.o.excludes, self.o.allow_pickle)
+        unknown = set(self.o.checksums) - set(chosen)
+        if unknown:
+            raise PullError(Reason.NO_FILES, f"checksums given for files that are not pulled: {sorted(unknown)}")
+        return [Expected(path=p, size=entries[p].size, sha256=entries[p].lfs.sha256 if entries[p].lfs else None,
+                         git_sha1=entries[p].blob_id or None, checksum=self.o.checksums.get(p))
+                for p in chosen]
+
+    def check_space(self, needed: int) -> None:
+        self.o.cache_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.o.cache_dir).free
+        if needed + FREE_SPACE_MARGIN > free:
+            raise PullError(Reason.NO_SPACE, f"the cache needs {human(needed)} more for {self.o.repo_id} but has "
+                                             f"{human(free)} free")
+
+    def download(self, commit: str, files: list[Expected]) -> dict[str, str]:
+        plan = worker.Plan(repo_id=self.o.repo_id, commit=commit, cache_dir=str(self.o.cache_dir),
+                           endpoint=self.o.hub, files=files, timeout=self.o.timeout, workers=self.o.workers,
+                           token=self.o.token)
+        return self.with_retries(f"downloading {self.o.repo_id}@{commit[:12]}", lambda: self.attempt(plan))
+
+    # -- one supervised attempt -----------------------------------------------------------------------------------
+    def attempt(self, plan: worker.Plan) -> dict[str, str]:
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        child = context.Process(target=worker.run, args=(plan, results), name="pull-worker", daemon=True)
+        child.start()
+        progress = Progress(self.o.cache_dir, plan, self.o.stall_bytes)
+        try:
+            while True:
+                try:
+                    outcome = results.get(timeout=min(1.0, self.o.progress_interval))
+                    break
+                except queue.Empty:
+                    pass
+                now = time.monotonic()
+                progress.sample(now)
+                if progress.due(now, self.o.progress_interval):
+                    self.emit(progress.line(now))
+                if not child.is_alive() and results.empty():
+                    raise PullError(Reason.NETWORK, f"the download process died (exit code {child.exitcode})")
+                if now - progress.last_advance > self.o.stall_timeout:
+                    raise PullError(Reason.STALLED, f"less than {human(self.o.stall_bytes)} received in "
+                                                    f"{self.o.stall_timeout:.0f}s; cutting the connection")
+                if self.deadline and now > self.deadline:
+                    raise PullError(Reason.DEADLINE, f"the pull ran past its {self.o.deadline:.0f}s deadline")
+        finally:
+            if child.is_alive():
+                child.kill()
+            child.join(10)
+        if outcome[0] == "ok":
+            self.emit(progress.line(time.monotonic()))
+            return outcome[1]
+        _, reason, message, retry_after = outcome
+        raise PullError(Reason(reason), message, retry_after)
+
+    def with_retries(self, what: str, step):
+        for attempt in range(self.o.retries + 1):
+            try:
+                return step()
+            except Exception as error:
+                failure = classify(error, what)
+                if not failure.retryable or attempt == self.o.retries or failure.reason is Reason.DEADLINE:
+                    raise failure from None
+                wait = min(60.0, self.o.retry_wait * 2 ** attempt) * random.uniform(0.5, 1.5)
+                if failure.retry_after is not None:
+                    wait = max(wait, failure.retry_after)
+                if self.deadline and time.monotonic() + wait > self.deadline:
+                    raise PullError(Reason.DEADLINE, f"{failure.message}; no time left before the deadline "
+                                                     "to retry") from None
+                self.emit({"event": "retry", "attempt": attempt + 1, "of": self.o.retries, "reason":
+                           failure.reason.value, "message": failure.message, "wait_seconds": round(wait, 1)})
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    # -- the cache ------------------------------------------------------------------------------------------------
+    def present(self, commit: str, f: Expected) -> bool:
+        path = cache_layout.snapshot_dir(self.o.cache_dir, self.o.repo_id, commit) / f.path
+        try:
+            return f.size is None or path.stat().st_size == f.size
+        except OSError:
+            return False
+
+    def write_ref(self, commit: str) -> None:
+        """refs/<branch or tag> -> commit, as huggingface_hub writes it, so `revision="main"` loads offline too."""
+        if self.o.revision == commit:
+            return
+        ref = cache_layout.repo_folder(self.o.cache_dir, self.o.repo_id) / "refs" / self.o.revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+        tmp.write_text(commit)
+        os.replace(tmp, ref)
+
+    def snapshot_intact(self, commit: str, files: dict) -> bool:
+        return all(self.present(commit, Expected(path=p, size=meta["size"])) for p, meta in files.items())
+
+    def result(self, commit: str, record: dict, downloaded: int, cached: bool) -> dict:
+        checks: dict[str, int] = {}
+        for meta in record["files"].values():
+            checks[meta["check"]] = checks.get(meta["check"], 0) + 1
+        return {"event": "complete", "repo": self.o.repo_id, "revision": self.o.revision, "commit": commit,
+                "files": len(record["files"]), "bytes": record["bytes"], "downloaded_bytes": downloaded,
+                "cached": cached, "checks": checks, "seconds": round(time.monotonic() - self.started, 2)}
+
+
+class Progress:
+    """Bytes on disk for the plan's files: finished snapshot files plus huggingface_hub's `*.incomplete` blobs."""
+
+    def __init__(self, cache_dir: Path, plan: worker.Plan, stall_bytes: int):
+        self.snapshot = cache_layout.snapshot_dir(cache_dir, plan.repo_id, plan.commit)
+        self.blobs = cache_layout.repo_folder(cache_dir, plan.repo_id) / "blobs"
+        self.plan = plan
+        self.total = sum(f.size or 0 for f in plan.files)
+        self.bytes = self.measure()
+        self.mark = self.bytes
+        self.last_advance = self.last_emit = self.rate_time = time.monotonic()
+        self.rate_bytes = self.bytes
+        self.rate = 0.0
+        self.stall_bytes = stall_bytes
+
+    def measure(self) -> int:
+        done = 0
+        for f in self.plan.files:
+            try:
+                done += (self.snapshot / f.path).stat().st_size
+            except OSError:
+                pass
+        try:
+            done += sum(p.stat().st_size for p in self.blobs.glob("*.incomplete"))
+        except OSError:
+            pass
+        return min(done, self.total)
+
+    def sample(self, now: float) -> None:
+        self.bytes = self.measure()
+        if self.bytes - self.mark >= self.stall_bytes or self.bytes >= self.total:
+            self.mark = self.bytes
+            self.last_advance = now
+        if now - self.rate_time >= 1.0:
+            instant = max(0, self.bytes - self.rate_bytes) / (now - self.rate_time)
+            self.rate = instant if self.rate == 0 else 0.7 * self.rate + 0.3 * instant
+            self.rate_bytes, self.rate_time = self.bytes, now
+
+    def due(self, now: float, interval: float) -> bool:
+        return now - self.last_emit >= interval
+
+    def line(self, now: float) -> dict:
+        self.last_emit = now
+        remaining = self.total - self.bytes
+        eta = round(remaining / self.rate) if self.rate > 0 else None
+        return {"event": "progress", "repo": self.plan.repo_id, "commit": self.plan.commit, "bytes": self.bytes,
+                "total": self.total, "rate": round(self.rate), "eta_seconds": eta if remaining else 0,
+                "text": f"{human(self.bytes)}/{human(self.total)} at {human(self.rate)}/s"
+                        + (f", eta {eta}s" if eta is not None and remaining else "")}
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1024
+    return f"{n}"
+
+
+def redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def emit_json(secret: str | None, termination_log: Path | None) -> Emit:
+    """Prints each event as one JSON line (token-redacted); the final event also goes to the termination log."""
+
+    def emit(event: dict) -> None:
+        line = redact(json.dumps(event, sort_keys=True), secret)
+        print(line, flush=True)
+        if termination_log is not None and event["event"] in ("complete", "failed"):
+            try:
+                termination_log.write_text(line[:4000])
+            except OSError:
+                pass
+
+    return emit
+
+
+def token_from_env(source: Source, override: str | None) -> str | None:
+    value = os.environ.get(override or source.token_env, "").strip()
+    return value or None
