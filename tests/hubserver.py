@@ -15,9 +15,11 @@ import argparse
 import asyncio
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import json
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -36,11 +38,11 @@ class RepoFile:
     def size(self) -> int:
         return len(self.data)
 
-    @property
+    @functools.cached_property
     def git_sha1(self) -> str:
         return hashlib.sha1(b"blob %d\0" % self.size + self.data).hexdigest()
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
@@ -52,7 +54,7 @@ class RepoFile:
     def pointer(self) -> bytes:
         return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {self.size}\n").encode()
 
-    @property
+    @functools.cached_property
     def blob_id(self) -> str:
         """What git stores: the content's sha1, or the LFS pointer's sha1 for LFS files."""
         if not self.is_lfs:
@@ -107,8 +109,10 @@ class Fault:
 
 
 class HubServer:
-    def __init__(self, flavor: HubFlavor | None = None):
+    def __init__(self, flavor: HubFlavor | None = None, bandwidth: float | None = None):
         self.flavor = flavor or HubFlavor()
+        self.bandwidth = bandwidth          # bytes/s shared by all connections, like one network link
+        self._link_free_at = 0.0
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.requests: Counter[tuple[str, str]] = Counter()   # (method, path-kind) -> count
@@ -149,6 +153,10 @@ class HubServer:
                     fault.times -= 1
                     return fault
         return None
+
+    async def _throttle(self, n: int) -> None:
+        if self.bandwidth:   # all handlers run on one event loop: no lock needed
+            await _throttle_impl(self, n)
 
     def _peek_fault(self, path: str, kind: str) -> Fault | None:
         with self._lock:
@@ -325,6 +333,7 @@ class HubServer:
                 piece = body[offset:min(offset + chunk, cut)]
                 if fault and fault.kind == "slow":
                     await asyncio.sleep(fault.delay)
+            await self._throttle(len(piece))
             await response.write(piece)
             offset += len(piece)
             with self._lock:
@@ -332,6 +341,13 @@ class HubServer:
         if fault and fault.kind == "drop":
             # Cut the connection with fewer bytes than Content-Length announced.
             request.transport.close()
+
+
+async def _throttle_impl(server: "HubServer", n: int) -> None:
+    now = time.monotonic()
+    start = max(now, server._link_free_at)
+    server._link_free_at = start + n / server.bandwidth
+    await asyncio.sleep(server._link_free_at - now)
 
 
 def main() -> None:

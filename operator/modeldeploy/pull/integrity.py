@@ -31,16 +31,12 @@ class IntegrityFailure(Exception):
     pass
 
 
-def digests(path: Path) -> tuple[str, str, int]:
-    """sha256 and git blob sha1 of a file in one pass."""
-    size = path.stat().st_size
-    sha256 = hashlib.sha256()
-    sha1 = hashlib.sha1(b"blob %d\0" % size)
+def file_hash(path: Path, algorithm: str, prefix: bytes = b"") -> str:
+    digest = hashlib.new(algorithm, prefix)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
-            sha256.update(chunk)
-            sha1.update(chunk)
-    return sha256.hexdigest(), sha1.hexdigest(), size
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def safetensors_header_ok(path: Path) -> bool:
@@ -64,24 +60,28 @@ def safetensors_header_ok(path: Path) -> bool:
 def verify(path: Path, expected: Expected, blob_name: str) -> str:
     """Raises IntegrityFailure, or returns the name of the check that passed. `blob_name` is the ETag the hub
     served the file under: a sha256 for LFS files on Hugging Face."""
-    sha256, git_sha1, size = digests(path)
+    size = path.stat().st_size
     if expected.size is not None and size != expected.size:
         raise IntegrityFailure(f"{expected.path}: size {size}, the hub announced {expected.size}")
+    # One pass over the file in the common cases: only the hash that can be compared is computed.
     if expected.checksum:
+        sha256 = file_hash(path, "sha256")
         if sha256 != expected.checksum.lower():
             raise IntegrityFailure(f"{expected.path}: sha256 {sha256} differs from the supplied checksum")
         return "checksum"
     announced_sha256 = expected.sha256 or (blob_name if SHA256_RE.match(blob_name) else None)
     if announced_sha256:
+        sha256 = file_hash(path, "sha256")
         if sha256 != announced_sha256:
             raise IntegrityFailure(f"{expected.path}: sha256 {sha256} differs from the hub's {announced_sha256}")
         return "sha256"
     if expected.git_sha1:
+        git_sha1 = file_hash(path, "sha1", b"blob %d\0" % size)
         if git_sha1 == expected.git_sha1:
             return "git-sha1"
         # Hubs that leave LFS metadata out still list the git blob id, which for an LFS file is the id of its
         # pointer - and the pointer holds the content's sha256. So the content is still checked end to end.
-        if lfs_pointer_sha1(sha256, size) == expected.git_sha1:
+        if lfs_pointer_sha1(file_hash(path, "sha256"), size) == expected.git_sha1:
             return "sha256-via-lfs-pointer"
         raise IntegrityFailure(f"{expected.path}: neither the content ({git_sha1}) nor its LFS pointer matches the "
                                f"hub's git blob id {expected.git_sha1}")
