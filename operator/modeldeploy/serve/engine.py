@@ -1,0 +1,250 @@
+"""The shared core under every protocol: one loaded model, its batcher, and the task's computation. Protocol
+modules (openai_api, kserve_api) translate requests into calls on an engine and never touch torch."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from modeldeploy.serve.batching import BatchStats, DynamicBatcher
+from modeldeploy.serve.loading import LoadedModel
+from modeldeploy.serve.metrics import RuntimeMetrics
+
+
+class BadInput(ValueError):
+    """The request is wrong (the client's fault): answered with a 4xx in the protocol's error format."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass
+class BatchingOptions:
+    max_batch_size: int = 32
+    max_delay_ms: float = 5.0
+    max_queue: int = 1024
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, name: str, batching: BatchingOptions, metrics: RuntimeMetrics):
+        self.loaded = loaded
+        self.name = name
+        self.metrics = metrics
+        self.batcher = DynamicBatcher(self.run_batch, batching.max_batch_size, batching.max_delay_ms / 1000,
+                                      batching.max_queue, on_batch=self._observe_batch)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def _observe_batch(self, stats: BatchStats) -> None:
+        self.metrics.batch_size.labels(self.name).observe(stats.batch_items)
+        for seconds in stats.queue_seconds:
+            self.metrics.queue_time.labels(self.name).observe(seconds)
+        self.metrics.queue_size.labels(self.name).set(self.batcher.queued_items)
+
+    def tokenize(self, texts: list[str], limit: int | None = None) -> list[list[int]]:
+        if not texts:
+            raise BadInput("input must not be empty", "input")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise BadInput(f"input[{i}] must be a string, not {type(text).__name__}", "input")
+            if not text.strip():
+                raise BadInput(f"input[{i}] is empty", "input")
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        limit = limit or self.loaded.max_length
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                raise BadInput(f"input[{i}] has {len(row)} tokens; this model takes at most {limit}", "input")
+        self.metrics.prompt_tokens.labels(self.name).inc(sum(len(r) for r in ids))
+        return ids
+
+    async def submit(self, items: list[Any], group=None) -> list[Any]:
+        self.metrics.queue_size.labels(self.name).set(self.batcher.queued_items + len(items))
+        return await self.batcher.submit(items, group)
+
+    def run_batch(self, items: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        raise NotImplementedError
+
+    # -- helpers for encoder tasks ------------------------------------------------------------------------------
+    def forward_groups(self, items: list[list[int]], forward) -> list[Any]:
+        """Padding-aware: sorts by length and cuts a new pass where padding to the longest would more than double
+        a group's tokens (or the group reaches the batch size); each group is padded only to its own longest.
+        Results come back in input order."""
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))
+        results: list[Any] = [None] * len(items)
+        group: list[int] = []
+        for index in order + [None]:
+            if index is not None and len(group) < self.batcher.max_batch_size and (
+                    len(group) < 4 or len(items[index]) <= 2 * len(items[group[0]])):
+                group.append(index)
+                continue
+            if group:
+                for position, value in zip(group, forward([items[i] for i in group])):
+                    results[position] = value
+            group = [index] if index is not None else []
+        return results
+
+    def pad(self, rows: list[list[int]]):
+        return self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.loaded.device)
+
+
+class EmbeddingEngine(Engine):
+    """Sentence embeddings with the model's own pooling and normalisation (as sentence-transformers computes them)."""
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        ids = self.tokenize(texts)
+        vectors = await self.submit(ids)
+        return vectors, sum(len(r) for r in ids)
+
+    def run_batch(self, items: list[list[int]]) -> list[list[float]]:
+        return self.forward_groups(items, self._forward)
+
+    def _forward(self, rows: list[list[int]]) -> list[list[float]]:
+        import torch
+
+        batch = self.pad(rows)
+        with torch.inference_mode():
+            hidden = self.loaded.model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooling = self.loaded.pooling
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            elif pooling == "max":
+                pooled = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
+            elif pooling == "lasttoken":
+                last = batch["attention_mask"].sum(dim=1) - 1
+                pooled = hidden[torch.arange(hidden.shape[0]), last]
+            else:
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            if self.loaded.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.cpu().tolist()
+
+    def warm_up(self) -> None:
+        self.run_batch(self.tokenizer(["warm up"] * 2)["input_ids"])
+
+
+class ClassificationEngine(Engine):
+    async def classify(self, texts: list[str]) -> tuple[list[dict], int]:
+        ids = self.tokenize(texts)
+        probabilities = await self.submit(ids)
+        labels = self.loaded.labels
+        results = [{"label": labels[max(range(len(p)), key=p.__getitem__)], "probs": p,
+                    "scores": dict(zip(labels, p))} for p in probabilities]
+        return results, sum(len(r) for r in ids)
+
+    def run_batch(self, items: list[list[int]]) -> list[list[float]]:
+        return self.forward_groups(items, self._forward)
+
+    def _forward(self, rows: list[list[int]]) -> list[list[float]]:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.loaded.model(**self.pad(rows)).logits.float()
+        return torch.softmax(logits, dim=-1).cpu().tolist()
+
+    def warm_up(self) -> None:
+        self.run_batch(self.tokenizer(["warm up"])["input_ids"])
+
+
+@dataclasses.dataclass
+class Generation:
+    """One generation request; `stream` receives text deltas (then None) when the client streams."""
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    stream: asyncio.Queue | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def sampling(self) -> tuple:
+        return (self.temperature > 0, round(self.temperature, 4), round(self.top_p, 4))
+
+    def push(self, delta: str | None) -> None:
+        if self.stream is not None and (delta or delta is None):
+            self.loop.call_soon_threadsafe(self.stream.put_nowait, delta)
+
+
+class GenerationEngine(Engine):
+    """Batched generation: concurrent requests with the same sampling settings share one `generate` call; each row
+    stops on its own (its max_new_tokens, a stop string or EOS) while the others go on."""
+
+    def prepare(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                stream: bool) -> Generation:
+        limit = getattr(self.loaded.model.config, "max_position_embeddings", None) or self.loaded.max_length
+        ids = self.tokenize([prompt], limit=limit)[0]
+        if len(ids) + max_new_tokens > limit:
+            raise BadInput(f"the prompt has {len(ids)} tokens and max_tokens is {max_new_tokens}: more than the "
+                           f"model's {limit}-token context", "max_tokens")
+        loop = asyncio.get_running_loop()
+        return Generation(ids, max_new_tokens, temperature, top_p, stop, asyncio.Queue() if stream else None, loop)
+
+    async def generate(self, request: Generation) -> Generation:
+        (done,) = await self.submit([request], group=request.sampling)
+        self.metrics.generated_tokens.labels(self.name).inc(done.tokens)
+        return done
+
+    def run_batch(self, items: list[Generation]) -> list[Generation]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tokenizer = self.tokenizer
+        batch = self.pad([g.input_ids for g in items])
+        prompt_length = batch["input_ids"].shape[1]
+        eos = tokenizer.eos_token_id
+
+        class PerRow(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                finished = []
+                for row, g in enumerate(items):
+                    if g.finish_reason is None:
+                        new = input_ids[row, prompt_length:].tolist()
+                        if eos is not None and new and new[-1] == eos:
+                            new, g.finish_reason = new[:-1], "stop"
+                        text = tokenizer.decode(new, skip_special_tokens=True)
+                        for s in g.stop:
+                            if s and s in text:
+                                text, g.finish_reason = text[:text.index(s)], "stop"
+                        if g.finish_reason is None and len(new) >= g.max_new_tokens:
+                            g.finish_reason = "length"
+                        g.push(text[len(g.text):] if text.startswith(g.text) else "")
+                        g.text, g.tokens = text, len(new)
+                    finished.append(g.finish_reason is not None)
+                return torch.tensor(finished, device=input_ids.device)
+
+        first = items[0]
+        sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p} \
+            if first.temperature > 0 else {"do_sample": False}
+        try:
+            with torch.inference_mode():
+                self.loaded.model.generate(**batch, max_new_tokens=max(g.max_new_tokens for g in items),
+                                           stopping_criteria=StoppingCriteriaList([PerRow()]),
+                                           pad_token_id=tokenizer.pad_token_id, **sampling)
+        finally:
+            for g in items:
+                g.finish_reason = g.finish_reason or "length"
+                g.push(None)
+        return items
+
+    def warm_up(self) -> None:
+        import torch
+
+        batch = self.pad([self.tokenizer("warm up")["input_ids"]])
+        with torch.inference_mode():
+            self.loaded.model.generate(**batch, max_new_tokens=2, do_sample=False,
+                                       pad_token_id=self.tokenizer.pad_token_id)
+
+
+ENGINES = {"feature-extraction": EmbeddingEngine, "sentence-similarity": EmbeddingEngine,
+           "text-classification": ClassificationEngine, "text-generation": GenerationEngine}
