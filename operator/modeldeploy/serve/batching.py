@@ -38,10 +38,13 @@ class BatchStats:
 
 class DynamicBatcher:
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch_size: int, max_delay: float,
-                 max_queue: int, on_batch: Callable[[BatchStats], None] | None = None):
-        """`run_batch(items) -> results` runs on the model thread, one result per item, in order."""
+                 max_queue: int, on_batch: Callable[[BatchStats], None] | None = None, gather_factor: int = 1):
+        """`run_batch(items) -> results` runs on the model thread, one result per item, in order. With a
+        `gather_factor` above 1, up to that many batches' worth of queued items are handed over at once, for an
+        engine that regroups them (by length) into passes of at most `max_batch_size`."""
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
+        self.gather_limit = max_batch_size * gather_factor
         self.max_delay = max_delay
         self.max_queue = max_queue
         self.on_batch = on_batch
@@ -117,7 +120,7 @@ class DynamicBatcher:
         kept = collections.deque()
         while self.pending:
             request = self.pending.popleft()
-            if request.group == first.group and size + len(request.items) <= self.max_batch_size:
+            if request.group == first.group and size + len(request.items) <= self.gather_limit:
                 batch.append(request)
                 size += len(request.items)
             else:

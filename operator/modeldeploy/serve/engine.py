@@ -12,6 +12,11 @@ from modeldeploy.serve.loading import LoadedModel
 from modeldeploy.serve.metrics import RuntimeMetrics
 
 
+# The fixed cost of one forward pass, in padded-token equivalents (measured for all-MiniLM-L6-v2 on CPU: about
+# 3 ms per pass against 0.2 ms per token).
+PASS_COST_TOKENS = 16
+
+
 class BadInput(ValueError):
     """The request is wrong (the client's fault): answered with a 4xx in the protocol's error format."""
 
@@ -28,12 +33,15 @@ class BatchingOptions:
 
 
 class Engine:
+    gather_factor = 1   # encoder engines regroup a wider gather by length (forward_groups)
+
     def __init__(self, loaded: LoadedModel, name: str, batching: BatchingOptions, metrics: RuntimeMetrics):
         self.loaded = loaded
         self.name = name
         self.metrics = metrics
         self.batcher = DynamicBatcher(self.run_batch, batching.max_batch_size, batching.max_delay_ms / 1000,
-                                      batching.max_queue, on_batch=self._observe_batch)
+                                      batching.max_queue, on_batch=self._observe_batch,
+                                      gather_factor=self.gather_factor)
 
     @property
     def tokenizer(self):
@@ -73,21 +81,27 @@ class Engine:
 
     # -- helpers for encoder tasks ------------------------------------------------------------------------------
     def forward_groups(self, items: list[list[int]], forward) -> list[Any]:
-        """Padding-aware: sorts by length and cuts a new pass where padding to the longest would more than double
-        a group's tokens (or the group reaches the batch size); each group is padded only to its own longest.
-        Results come back in input order."""
+        """Padding-aware: sorts by length, then cuts the sorted run into passes (each at most the batch size) so
+        that padded tokens plus a fixed cost per pass are fewest - a small dynamic programme over the cut points.
+        Each pass is padded only to its own longest row. Results come back in input order."""
         order = sorted(range(len(items)), key=lambda i: len(items[i]))
-        results: list[Any] = [None] * len(items)
-        group: list[int] = []
-        for index in order + [None]:
-            if index is not None and len(group) < self.batcher.max_batch_size and (
-                    len(group) < 4 or len(items[index]) <= 2 * len(items[group[0]])):
-                group.append(index)
-                continue
-            if group:
-                for position, value in zip(group, forward([items[i] for i in group])):
-                    results[position] = value
-            group = [index] if index is not None else []
+        lengths = [len(items[i]) for i in order]
+        n, limit = len(order), self.batcher.max_batch_size
+        best = [0.0] + [float("inf")] * n          # best[j]: cheapest cover of the j shortest rows
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(max(0, j - limit), j):    # a pass of rows i..j-1, padded to lengths[j-1]
+                cost = best[i] + (j - i) * lengths[j - 1] + PASS_COST_TOKENS
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        passes, j = [], n
+        while j > 0:
+            passes.append(order[cut[j]:j])
+            j = cut[j]
+        results: list[Any] = [None] * n
+        for group in reversed(passes):
+            for position, value in zip(group, forward([items[i] for i in group])):
+                results[position] = value
         return results
 
     def pad(self, rows: list[list[int]]):
@@ -96,6 +110,8 @@ class Engine:
 
 class EmbeddingEngine(Engine):
     """Sentence embeddings with the model's own pooling and normalisation (as sentence-transformers computes them)."""
+
+    gather_factor = 4
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         ids = self.tokenize(texts)
@@ -131,6 +147,8 @@ class EmbeddingEngine(Engine):
 
 
 class ClassificationEngine(Engine):
+    gather_factor = 4
+
     async def classify(self, texts: list[str]) -> tuple[list[dict], int]:
         ids = self.tokenize(texts)
         probabilities = await self.submit(ids)

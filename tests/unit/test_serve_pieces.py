@@ -1,0 +1,85 @@
+"""The runtime's pure pieces: device/precision choices, CPU limits from cgroups, padding-aware grouping, and the
+batcher's queue bound and grouping."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from modeldeploy.serve import device
+from modeldeploy.serve.batching import DynamicBatcher, QueueFull
+from modeldeploy.serve.engine import Engine
+
+
+def test_quantization_choices_and_refusals():
+    assert device.resolve_quantization("auto", "cpu") == "none"
+    assert device.resolve_quantization("auto", "cuda") == "fp16"
+    assert device.resolve_quantization("int8-dynamic", "cpu") == "int8-dynamic"
+    with pytest.raises(device.StartupError, match="fp16 needs a CUDA device"):
+        device.resolve_quantization("fp16", "cpu")
+    with pytest.raises(device.StartupError, match="CPU quantization"):
+        device.resolve_quantization("int8-dynamic", "cuda")
+
+
+def test_cpu_limit_from_cgroup_v2_and_v1(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert device.cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert device.cpu_limit(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert device.cpu_limit(v1) == 3.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1")
+    assert device.cpu_limit(v1) is None
+
+
+def grouping_engine(max_batch_size: int) -> Engine:
+    engine = Engine.__new__(Engine)
+    engine.batcher = SimpleNamespace(max_batch_size=max_batch_size)
+    return engine
+
+
+def test_forward_groups_pads_little_keeps_order_and_respects_the_batch_size():
+    items = [[0] * n for n in (3, 100, 4, 98, 5, 3, 99, 4)]
+    passes = []
+
+    def forward(rows):
+        passes.append([len(r) for r in rows])
+        return [len(r) for r in rows]
+
+    assert grouping_engine(8).forward_groups(items, forward) == [len(i) for i in items]
+    assert sorted(passes) == [[3, 3, 4, 4, 5], [98, 99, 100]]      # short and long rows padded apart
+    passes.clear()
+    grouping_engine(2).forward_groups(items, forward)
+    assert max(len(p) for p in passes) <= 2
+
+
+def test_batcher_bounds_its_queue_and_batches_by_group():
+    seen = []
+
+    def run_batch(items):
+        seen.append(list(items))
+        return [i * 10 for i in items]
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch_size=4, max_delay=0.05, max_queue=6)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([1, 2], group="a"))
+        second = asyncio.ensure_future(batcher.submit([3], group="b"))
+        third = asyncio.ensure_future(batcher.submit([4, 5], group="a"))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await batcher.submit([6, 7], group="a")     # 5 queued + 2 > 6
+        results = await asyncio.gather(first, second, third)
+        big = await batcher.submit(list(range(9)))       # bigger than the queue, but the queue is empty
+        await batcher.stop()
+        return results, big
+
+    results, big = asyncio.run(scenario())
+    assert results == [[10, 20], [30], [40, 50]]
+    assert [1, 2, 4, 5] in seen and [3] in seen          # same group together, the other group apart
+    assert big == [i * 10 for i in range(9)]
