@@ -202,8 +202,7 @@ def test_int8_dynamic_stays_close_to_fp32(cache, embedder):
         _, full = post(f"{embedder.url}/v1/embeddings", {"input": TEXTS})
         a = np.array([d["embedding"] for d in quantized["data"]])
         b = np.array([d["embedding"] for d in full["data"]])
-        # Both are normalised. Measured 0.96 with per-channel dynamic int8 (0.91 per-tensor); see bench/serve_bench.py.
-        assert ((a * b).sum(1)).mean() >= 0.95
+        assert ((a * b).sum(1)).mean() >= 0.99     # both are normalised
         assert not np.allclose(a, b)                 # and it really is another computation
         assert metric(server, "model_ready", model_name=MINILM) == 1
     finally:

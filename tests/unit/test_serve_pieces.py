@@ -19,7 +19,7 @@ def test_quantization_choices_and_refusals():
     assert device.resolve_quantization("int8-dynamic", "cpu") == "int8-dynamic"
     with pytest.raises(device.StartupError, match="fp16 needs a CUDA device"):
         device.resolve_quantization("fp16", "cpu")
-    with pytest.raises(device.StartupError, match="CPU quantization"):
+    with pytest.raises(device.StartupError, match="the CPU quantization"):
         device.resolve_quantization("int8-dynamic", "cuda")
 
 
@@ -83,3 +83,25 @@ def test_batcher_bounds_its_queue_and_batches_by_group():
     assert results == [[10, 20], [30], [40, 50]]
     assert [1, 2, 4, 5] in seen and [3] in seen          # same group together, the other group apart
     assert big == [i * 10 for i in range(9)]
+
+
+def test_int8_dynamic_linear_is_close_and_keeps_heads_in_full_precision():
+    import torch
+
+    from modeldeploy.serve.quantize import Int8DynamicLinear, quantize_int8_dynamic
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(3, 5, 64)
+    quantized = Int8DynamicLinear(linear)
+    assert quantized.weight_int8.dtype == torch.int8
+    reference, approximation = linear(x), quantized(x)
+    assert approximation.shape == reference.shape
+    cosine = torch.nn.functional.cosine_similarity(reference.flatten(), approximation.flatten(), dim=0)
+    assert cosine > 0.999 and not torch.equal(reference, approximation)
+
+    model = torch.nn.Module()
+    model.body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    model.lm_head = torch.nn.Linear(8, 4)
+    assert quantize_int8_dynamic(model) == 2
+    assert isinstance(model.body[0], Int8DynamicLinear) and isinstance(model.lm_head, torch.nn.Linear)

@@ -26,8 +26,8 @@ def choose_device(requested: str) -> str:
 
 
 def resolve_quantization(quantization: str, device: str) -> str:
-    """auto: fp16 on CUDA; on CPU full precision ('none'), the choice bench/serve_bench.py backs (int8-dynamic is
-    faster but changes results slightly: ask for it explicitly, as the loongson profile does)."""
+    """auto: fp16 on CUDA; on CPU full precision ('none'): int8-dynamic is faster (bench/serve_bench.py) but
+    changes results slightly, so it is asked for explicitly (the loongson profile does)."""
     import torch
 
     if quantization == "auto":
@@ -36,22 +36,9 @@ def resolve_quantization(quantization: str, device: str) -> str:
         raise StartupError("fp16 needs a CUDA device; on CPU use none, bf16 or int8-dynamic")
     if quantization == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise StartupError("bf16 is not supported by this GPU; use fp16")
-    if quantization == "int8-dynamic":
-        if device != "cpu":
-            raise StartupError("int8-dynamic is a CPU quantization (torch dynamic quantization has no CUDA "
-                               "kernels); on CUDA use fp16 or bf16")
-        if quantized_engine() is None:
-            raise StartupError("int8-dynamic needs a quantized engine, and this torch build has none "
-                               f"(supported: {torch.backends.quantized.supported_engines})")
+    if quantization == "int8-dynamic" and device != "cpu":
+        raise StartupError("int8-dynamic is the CPU quantization; on CUDA use fp16 or bf16")
     return quantization
-
-
-def quantized_engine() -> str | None:
-    import torch
-
-    supported = torch.backends.quantized.supported_engines
-    # fbgemm ran per-channel dynamic int8 about twice as fast as the x86 engine on this project's machine.
-    return next((e for e in ("fbgemm", "x86", "qnnpack", "onednn") if e in supported), None)
 
 
 def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup")) -> float | None:

@@ -7,13 +7,13 @@ import json
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modeldeploy import cache_layout
-from modeldeploy.serve.device import StartupError, quantized_engine
+from modeldeploy.serve.device import StartupError
+from modeldeploy.serve.quantize import quantize_int8_dynamic
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,8 @@ def load(options: LoadOptions) -> LoadedModel:
     model.eval()
 
     if options.quantization == "int8-dynamic":
-        torch.backends.quantized.engine = quantized_engine()
-        with warnings.catch_warnings():
-            # torch.ao dynamic quantization is deprecated in favour of torchao, which has no loong64 builds and
-            # is not in our images; it is still the fastest int8 path for CPU inference in this torch.
-            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning, FutureWarning))
-            # Per-channel weight scales: on all-MiniLM-L6-v2 mean cosine to fp32 0.96 against 0.91 per-tensor.
-            qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
+        replaced = quantize_int8_dynamic(model)
+        log.info("int8-dynamic: %d linear layers quantized", replaced)
     model.to(options.device)
 
     loaded = LoadedModel(model=model, tokenizer=tokenizer, task=options.task, device=options.device,
