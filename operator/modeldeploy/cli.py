@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from modeldeploy import __version__
+from modeldeploy import __version__, render
 from modeldeploy.pull import cli as pull_cli
 from modeldeploy.serve import cli as serve_cli
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     pull_cli.register(commands)
     serve_cli.register(commands)
+    render.register(commands)
     return parser
 
 

@@ -1,0 +1,79 @@
+"""`modeldeploy render -f md.yaml`: the objects a ModelDeployment becomes, from the same builders the operator
+uses - for review in GitOps and for debugging, like `helm template`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from modeldeploy.api import KIND, ModelDeploymentSpec
+from modeldeploy.build.cache import build_cache_pvc
+from modeldeploy.build.common import weights_key
+from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
+from modeldeploy.build.serving import build_deployment, build_service
+from modeldeploy.config import OperatorConfig, load_config
+
+
+class PlainDumper(yaml.SafeDumper):
+    """No YAML anchors: builders share label dicts between objects, readers want them spelled out."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+class RenderError(Exception):
+    pass
+
+
+def parse_spec(body: dict) -> ModelDeploymentSpec:
+    try:
+        return ModelDeploymentSpec.model_validate(body.get("spec") or {})
+    except ValidationError as error:
+        problems = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        raise RenderError(problems) from None
+
+
+def render(body: dict, config: OperatorConfig, commit: str | None = None) -> list[dict]:
+    if body.get("kind") != KIND:
+        raise RenderError(f"expected kind {KIND}, got {body.get('kind')!r}")
+    name = body.get("metadata", {}).get("name")
+    if not name:
+        raise RenderError("metadata.name is required")
+    spec = parse_spec(body)
+    if problems := spec.problems(config):
+        raise RenderError("; ".join(problems))
+    key = weights_key(spec, pull_endpoint(spec, config))
+    # Before the pull, the commit is unknown unless the revision is one; the operator fills in the resolved one.
+    pinned = commit or spec.model.revision
+    objects = [build_cache_pvc(spec, config), build_pull_job(spec, config, key),
+               build_deployment(name, spec, config, pinned), build_service(name, spec)]
+    namespace = body.get("metadata", {}).get("namespace")
+    if namespace:
+        for obj in objects:
+            obj["metadata"]["namespace"] = namespace
+    return objects
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("render", help="print the objects a ModelDeployment becomes", description=__doc__)
+    p.add_argument("-f", "--filename", required=True, type=Path, help="a ModelDeployment manifest (- for stdin)")
+    p.add_argument("--config", type=Path, help="the operator's configuration file (default: built-in profiles)")
+    p.add_argument("--commit", help="the resolved commit to pin the serving pods to (default: the revision)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if str(args.filename) == "-" else args.filename.read_text()
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d]
+        config = load_config(args.config)
+        objects = [obj for body in documents for obj in render(body, config, args.commit)]
+    except (RenderError, yaml.YAMLError, ValidationError, OSError) as error:
+        print(f"modeldeploy render: {error}", file=sys.stderr)
+        return 1
+    yaml.dump_all(objects, sys.stdout, Dumper=PlainDumper, sort_keys=False)
+    return 0

@@ -1,0 +1,194 @@
+"""Pure builders, without a cluster: the manifests a ModelDeployment becomes on each profile, the content-addressed
+pull Job, security defaults, and that the Python spec model and the CRD schema agree on every default.
+
+Bad inputs tried: an unknown profile, fp16 on loongson, int8 on nvidia, an engine a profile does not offer,
+llamacpp without a GGUF file, a custom engine without image/port, a malformed model id, an unknown field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modeldeploy.api import ModelDeploymentSpec
+from modeldeploy.build.common import pull_job_name, weights_key
+from modeldeploy.config import OperatorConfig
+from modeldeploy.render import RenderError, render
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "modeldeploy.io_modeldeployments.yaml"
+CONFIG = OperatorConfig(registry="registry.example/md", operator_image="registry.example/md/modeldeploy:1")
+
+
+def body(name="minilm", **spec) -> dict:
+    spec.setdefault("model", {"id": "sentence-transformers/all-MiniLM-L6-v2"})
+    return {"apiVersion": "modeldeploy.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": "ml"}, "spec": spec}
+
+
+def objects(md: dict, commit="a" * 40) -> dict:
+    return {o["kind"]: o for o in render(md, CONFIG, commit)}
+
+
+def pod(md: dict) -> dict:
+    return objects(md)["Deployment"]["spec"]["template"]["spec"]
+
+
+def test_cpu_profile():
+    out = objects(body(replicas=2, resources={"limits": {"cpu": "2"}}))
+    deployment, server = out["Deployment"], out["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert deployment["spec"]["replicas"] == 2
+    assert server["image"] == "registry.example/md/modeldeploy-runtime-cpu:0.1.0"
+    args = server["args"]
+    assert args[args.index("--revision") + 1] == "a" * 40           # pinned to the resolved commit
+    assert args[args.index("--quantization") + 1] == "none"          # cpu: auto -> none
+    assert args[args.index("--device") + 1] == "cpu"
+    assert server["resources"] == {"limits": {"cpu": "2"}}
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in server["env"]
+    assert {"name": "cache", "mountPath": "/cache", "readOnly": True} in server["volumeMounts"]
+    assert out["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert out["Service"]["spec"]["ports"][0] == {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
+
+
+def test_nvidia_profile():
+    spec = pod(body(accelerator={"profile": "nvidia", "count": 2}, task="text-generation"))
+    server = spec["containers"][0]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert server["args"][server["args"].index("--quantization") + 1] == "fp16"
+    assert server["args"][server["args"].index("--device") + 1] == "cuda"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in server["volumeMounts"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in spec["volumes"]
+    assert "runtime-cuda" in server["image"]
+
+
+def test_loongson_profile():
+    spec = pod(body(accelerator={"profile": "loongson"}, task="text-classification", nodeSelector={"zone": "a"}))
+    server = spec["containers"][0]
+    assert spec["nodeSelector"] == {"kubernetes.io/arch": "loong64", "zone": "a"}
+    assert server["args"][server["args"].index("--quantization") + 1] == "int8-dynamic"
+    assert "runtime-loong64" in server["image"]
+    assert "nvidia.com/gpu" not in str(server["resources"])
+
+
+def test_pods_are_restricted_and_carry_the_monitoring_sidecar():
+    spec = pod(body())
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["seccompProfile"] == {
+        "type": "RuntimeDefault"}
+    for container in spec["containers"]:
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] and not context["allowPrivilegeEscalation"]
+        assert context["capabilities"] == {"drop": ["ALL"]}
+    assert [c["name"] for c in spec["containers"]] == ["server", "monitor"]
+    assert spec["containers"][1]["ports"][0]["name"] == "metrics"
+    assert [c["name"] for c in pod(body(monitoring={"enabled": False}))["containers"]] == ["server"]
+
+
+def test_pull_job_is_content_addressed_and_sees_only_its_own_token():
+    a = objects(body("one", model={"id": "org/model", "tokenSecretRef": {"name": "hf"}}))["Job"]
+    b = objects(body("two", model={"id": "org/model", "tokenSecretRef": {"name": "hf"}}, replicas=5))["Job"]
+    assert a["metadata"]["name"] == b["metadata"]["name"]           # same weights, one Job, whatever the name
+    other = objects(body("one", model={"id": "org/model", "revision": "v2"}))["Job"]
+    assert other["metadata"]["name"] != a["metadata"]["name"]
+    container = a["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
+    assert not any("value" in e and "hf" == e.get("value") for e in container["env"])
+    assert a["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert "ownerReferences" not in a["metadata"]                   # shared: owned by no single resource
+
+    gitee = objects(body(model={"id": "org/model", "source": "gitee", "tokenSecretRef": {"name": "g"}}))["Job"]
+    env = gitee["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e["name"] for e in env if "valueFrom" in e] == ["GITEE_TOKEN"]
+
+
+def test_weights_key_ignores_serving_settings():
+    base = ModelDeploymentSpec.model_validate({"model": {"id": "org/m"}})
+    scaled = ModelDeploymentSpec.model_validate({"model": {"id": "org/m"}, "replicas": 9, "task": "text-generation"})
+    assert weights_key(base, None) == weights_key(scaled, None)
+    assert weights_key(base, None) != weights_key(base, "https://hf-mirror.com")
+    name = pull_job_name(ModelDeploymentSpec.model_validate({"model": {"id": "org/" + "x" * 90}}), "0" * 12)
+    assert len(name) <= 63 and name.endswith("0" * 12)
+
+
+def test_proxy_from_a_secret_and_mirror_endpoint():
+    job = objects(body(model={"id": "org/m", "endpoint": "https://hf-mirror.com"},
+                       download={"proxy": {"secretName": "egress"}}))["Job"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][container["args"].index("--endpoint") + 1] == "https://hf-mirror.com"
+    proxies = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "PROXY" in e["name"]}
+    assert proxies["HTTPS_PROXY"] == {"name": "egress", "key": "HTTPS_PROXY", "optional": True}
+
+
+def test_engines():
+    vllm = pod(body(accelerator={"profile": "nvidia"}, task="text-generation", runtime={"engine": "vllm"}))
+    assert vllm["containers"][0]["image"].startswith("vllm/") and "--served-model-name" in vllm["containers"][0]["args"]
+    llama = pod(body(model={"id": "org/m-gguf", "files": ["m-q4_k_m.gguf"]}, task="text-generation",
+                     accelerator={"profile": "loongson"}, runtime={"engine": "llamacpp"}))
+    assert llama["containers"][0]["args"][1].endswith("/snapshots/" + "a" * 40 + "/m-q4_k_m.gguf")
+    custom = pod(body(runtime={"engine": "custom", "image": "me/server:1", "port": 9000, "args": ["--x"]}))
+    assert custom["containers"][0]["ports"][0]["containerPort"] == 9000
+    assert custom["containers"][0]["readinessProbe"]["tcpSocket"] == {"port": "http"}
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"accelerator": {"profile": "tpu"}}, "not configured"),
+    ({"accelerator": {"profile": "loongson"}, "quantization": "fp16"}, "fp16 is not supported on the loongson"),
+    ({"accelerator": {"profile": "nvidia"}, "quantization": "int8-dynamic"}, "not supported on the nvidia"),
+    ({"runtime": {"engine": "vllm"}}, "not offered on the cpu"),
+    ({"runtime": {"engine": "llamacpp"}}, "one .gguf file"),
+    ({"runtime": {"engine": "custom"}}, "needs runtime.image and runtime.port"),
+    ({"model": {"id": "not-a-repo"}}, "spec.model.id"),
+    ({"replicas": 1, "replica": 2}, "spec.replica"),
+])
+def test_bad_specs_are_named(spec, message):
+    with pytest.raises(RenderError, match=message):
+        render(body(**spec), CONFIG)
+
+
+def schema_defaults(schema: dict, path=()) -> dict:
+    found = {}
+    for key, prop in schema.get("properties", {}).items():
+        if "default" in prop and prop["default"] != {}:
+            found[path + (key,)] = prop["default"]
+        found.update(schema_defaults(prop, path + (key,)))
+    return found
+
+
+def test_the_crd_and_the_spec_model_agree_on_defaults():
+    crd = yaml.safe_load(CRD.read_text())
+    spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    model = ModelDeploymentSpec.model_validate({
+        "model": {"id": "a/b", "tokenSecretRef": {"name": "s"}}}).model_dump(by_alias=True)
+    checked = 0
+    for path, default in schema_defaults(spec_schema).items():
+        value = model
+        for part in path:
+            value = value[part]
+        assert value == default, f"spec.{'.'.join(path)}: CRD default {default!r}, Python default {value!r}"
+        checked += 1
+    assert checked >= 20
+
+
+def test_render_command_prints_yaml_and_fails_clearly(tmp_path):
+    manifest = tmp_path / "md.yaml"
+    manifest.write_text(yaml.safe_dump(body()))
+    done = subprocess.run([sys.executable, "-m", "modeldeploy", "render", "-f", str(manifest)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0
+    assert [d["kind"] for d in yaml.safe_load_all(done.stdout)] == ["PersistentVolumeClaim", "Job", "Deployment",
+                                                                     "Service"]
+    assert "&id" not in done.stdout
+    manifest.write_text(yaml.safe_dump(body(accelerator={"profile": "tpu"})))
+    done = subprocess.run([sys.executable, "-m", "modeldeploy", "render", "-f", str(manifest)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "profile 'tpu' is not configured" in done.stderr
+
+
+def test_examples_render():
+    for example in sorted((REPO / "examples").glob("*.yaml")):
+        for document in yaml.safe_load_all(example.read_text()):
+            assert render(document, CONFIG), example
