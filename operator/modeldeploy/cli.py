@@ -8,6 +8,7 @@ import sys
 
 from modeldeploy import __version__, render
 from modeldeploy.pull import cli as pull_cli
+from modeldeploy.reconcile import cli as operator_cli
 from modeldeploy.serve import cli as serve_cli
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull_cli.register(commands)
     serve_cli.register(commands)
     render.register(commands)
+    operator_cli.register(commands)
     return parser
 
 

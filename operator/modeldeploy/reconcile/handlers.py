@@ -1,0 +1,316 @@
+"""The kopf handlers. Each is small: it calls `reconcile`, which reads the children, builds what is missing with
+the pure builders, and writes the status. The same `reconcile` runs when the ModelDeployment changes and when one
+of its children does (a pull Job finishing, a Deployment's pods turning ready), so status follows the children."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+from kubernetes import config as kube_config
+from kubernetes.client.rest import ApiException
+
+from modeldeploy.api import GROUP, PLURAL, VERSION, ModelDeploymentSpec
+from modeldeploy.build.cache import build_cache_pvc
+from modeldeploy.build.common import LABEL_MDEP, LABEL_WEIGHTS, pull_job_name, weights_key
+from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
+from modeldeploy.build.serving import build_deployment, build_service, server_selector
+from modeldeploy.config import OperatorConfig
+from modeldeploy.reconcile.children import Apis, apply, create_if_absent, last_progress, pull_state, read_or_none
+from modeldeploy.reconcile.status import (AVAILABLE, CACHE_READY, READY, STALLED, WEIGHTS_READY, Observation,
+                                          status_patch)
+from modeldeploy.render import RenderError, parse_spec
+
+log = logging.getLogger("modeldeploy.operator")
+MDEP = (GROUP, VERSION, PLURAL)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    # Everything kopf keeps about a resource goes to its status: the operator never writes spec or metadata
+    # (no drift for GitOps tools), and deletion never waits on a finalizer.
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diffbase")
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 8
+    try:
+        kube_config.load_incluster_config()
+    except kube_config.ConfigException:
+        kube_config.load_kube_config()
+    memo.apis = Apis.create()
+    if not isinstance(getattr(memo, "config", None), OperatorConfig):
+        memo.config = OperatorConfig()
+
+
+# -- indexes: which ModelDeployments a child concerns ----------------------------------------------------------------
+@kopf.index(*MDEP)
+def by_weights(namespace, name, body, memo, **_):
+    spec = parse_or_none(body)
+    return {(namespace, weights_key(spec, pull_endpoint(spec, memo.config))): name} if spec else None
+
+
+@kopf.index(*MDEP)
+def by_claim(namespace, name, body, **_):
+    spec = parse_or_none(body)
+    return {(namespace, spec.cache.claim_name): name} if spec else None
+
+
+# -- the resource's own handlers --------------------------------------------------------------------------------------
+@kopf.on.resume(*MDEP)
+@kopf.on.create(*MDEP)
+@kopf.on.update(*MDEP, field="spec")
+def on_change(body, memo, **_):
+    """Retries (kopf's backoff) while something outside the spec may still change; stops on a bad spec."""
+    observation = reconcile(body, memo)
+    if observation.stalled and observation.stalled[0] == "InvalidSpec":
+        raise kopf.PermanentError(observation.stalled[1])
+    if observation.retry:
+        raise kopf.TemporaryError(observation.retry, delay=15)
+
+
+# Download progress lives in the pull pod's log, which makes no events: a background loop refreshes the
+# resources that are pulling. (Not a kopf timer: timers put a finalizer on each resource, and a finalizer would
+# make deletion hang whenever the operator is not running.)
+PROGRESS_INTERVAL = 5.0
+
+
+@kopf.on.startup()
+async def start_progress_refresher(memo: kopf.Memo, **_) -> None:
+    memo.refresher = asyncio.get_running_loop().create_task(refresh_pulls_forever(memo))
+
+
+@kopf.on.cleanup()
+async def stop_progress_refresher(memo: kopf.Memo, **_) -> None:
+    if getattr(memo, "refresher", None):
+        memo.refresher.cancel()
+
+
+async def refresh_pulls_forever(memo) -> None:
+    while True:
+        await asyncio.sleep(PROGRESS_INTERVAL)
+        try:
+            await asyncio.to_thread(refresh_pulls, memo)
+        except Exception:
+            log.exception("refreshing pull progress failed")
+
+
+def refresh_pulls(memo) -> None:
+    custom = memo.apis.custom
+    namespaces = getattr(memo, "namespaces", None) or [None]
+    for namespace in namespaces:
+        items = (custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL) if namespace
+                 else custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))["items"]
+        for item in items:
+            if (item.get("status") or {}).get("phase") in ("Pending", "Pulling"):
+                reconcile_by_name(memo, item["metadata"]["namespace"], item["metadata"]["name"])
+
+
+@kopf.on.event(*MDEP)
+def on_gone(type, body, namespace, name, memo, **_):
+    """Deployment and Service go with the resource (ownerReferences). The cache stays. The shared pull Job goes
+    when no other ModelDeployment in the namespace needs the same weights. Seen from the DELETED event: no
+    finalizer, so deletion never waits for the operator."""
+    if type != "DELETED" or (spec := parse_or_none(body)) is None:
+        return
+    key = weights_key(spec, pull_endpoint(spec, memo.config))
+    apis: Apis = memo.apis
+    for item in apis.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+        other = parse_or_none(item)
+        if other is not None and weights_key(other, pull_endpoint(other, memo.config)) == key:
+            return
+    job = pull_job_name(spec, key)
+    try:
+        apis.batch.delete_namespaced_job(job, namespace, propagation_policy="Background")
+        log.info("mdep %s/%s: deleted pull job %s (no other user)", namespace, name, job)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+# -- children's events --------------------------------------------------------------------------------------------
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_WEIGHTS: kopf.PRESENT})
+def on_pull_job(namespace, labels, memo, by_weights: kopf.Index, **_):
+    for name in by_weights.get((namespace, labels[LABEL_WEIGHTS]), []):
+        reconcile_by_name(memo, namespace, name)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_MDEP: kopf.PRESENT})
+def on_deployment(namespace, labels, memo, **_):
+    reconcile_by_name(memo, namespace, labels[LABEL_MDEP])
+
+
+@kopf.on.event("", "v1", "persistentvolumeclaims")
+def on_claim(namespace, name, memo, by_claim: kopf.Index, **_):
+    for mdep in by_claim.get((namespace, name), []):
+        reconcile_by_name(memo, namespace, mdep)
+
+
+def reconcile_by_name(memo, namespace: str, name: str) -> None:
+    """From a child's event: one ModelDeployment's trouble must not stop the others'."""
+    try:
+        body = read_or_none(memo.apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+        if body is not None and not body["metadata"].get("deletionTimestamp"):
+            reconcile(body, memo)
+    except Exception:
+        log.exception("mdep %s/%s: reconcile after a child's event failed", namespace, name)
+
+
+def parse_or_none(body) -> ModelDeploymentSpec | None:
+    try:
+        return parse_spec(dict(body))
+    except RenderError:
+        return None
+
+
+# -- the reconcile ----------------------------------------------------------------------------------------------------
+def reconcile(body, memo) -> Observation:
+    meta = body["metadata"]
+    previous = list((body.get("status") or {}).get("conditions") or [])
+    observation = Observation(generation=meta.get("generation", 1))
+    try:
+        observe(body, memo.apis, memo.config, observation)
+    finally:
+        write_status(memo.apis, body, observation, previous)
+    return observation
+
+
+def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    try:
+        spec = parse_spec(dict(body))
+        problems = spec.problems(config)
+    except RenderError as error:
+        problems = [str(error)]
+    if problems:
+        o.stalled = ("InvalidSpec", "; ".join(problems))
+        return
+
+    if spec.runtime.trust_remote_code and (body.get("status") or {}).get("warnedRemoteCode") != meta.get("generation"):
+        kopf.warn(body, reason="TrustRemoteCode", message="runtime.trustRemoteCode is on: the model's own Python "
+                                                          "code will run in the serving pods")
+        o.fields["warnedRemoteCode"] = meta.get("generation")
+
+    # 1. the shared cache
+    claim = read_or_none(apis.core.read_namespaced_persistent_volume_claim, spec.cache.claim_name, namespace)
+    if claim is None:
+        create_if_absent(apis.core.create_namespaced_persistent_volume_claim, namespace,
+                         build_cache_pvc(spec, config))
+        o.cache = (False, "Creating", f"creating PVC {spec.cache.claim_name}")
+        o.retry = o.cache[2]
+        return
+    o.fields["cache"] = {"claimName": spec.cache.claim_name,
+                         "capacity": (claim.status.capacity or {}).get("storage") if claim.status else None}
+    if claim.status.phase != "Bound":
+        why = latest_event(apis, namespace, "PersistentVolumeClaim", spec.cache.claim_name)
+        o.cache = (False, "ClaimPending", f"PVC {spec.cache.claim_name} is {claim.status.phase}"
+                   + (f": {why}" if why else ""))
+        o.retry = o.cache[2]
+        return
+    o.cache = (True, "Bound", f"PVC {spec.cache.claim_name} is bound ({o.fields['cache']['capacity']})")
+
+    # 2. the weights
+    ref = spec.model.token_secret_ref
+    if ref is not None:
+        secret = read_or_none(apis.core.read_namespaced_secret, ref.name, namespace)
+        if secret is None or ref.key not in (secret.data or {}):
+            problem = f"Secret {ref.name} not found" if secret is None else f"Secret {ref.name} has no key {ref.key}"
+            o.weights = (False, "SecretNotFound", f"{problem}; the pull waits for it")
+            o.retry = problem
+            return
+    key = weights_key(spec, pull_endpoint(spec, config))
+    job_name = pull_job_name(spec, key)
+    o.fields.update(weightsKey=key)
+    job = read_or_none(apis.batch.read_namespaced_job, job_name, namespace)
+    if job is None:
+        if create_if_absent(apis.batch.create_namespaced_job, namespace, build_pull_job(spec, config, key)):
+            kopf.info(body, reason="PullStarted", message=f"pull job {job_name} created for {spec.model.id}"
+                                                          f"@{spec.model.revision}")
+            log.info("mdep %s/%s: pull job %s created for %s@%s", namespace, name, job_name, spec.model.id,
+                     spec.model.revision)
+        o.weights = (False, "Pulling", f"pull job {job_name} started")
+        o.fields["download"] = {"job": job_name}
+        return
+    state = pull_state(apis, namespace, job)
+    o.fields["download"] = {"job": job_name}
+    if not state.done:
+        if state.permanent:
+            o.weights = (False, state.reason, state.message)
+            o.stalled = (state.reason, f"pull job {job_name}: {state.message}")
+            return
+        progress = last_progress(apis, namespace, job_name)
+        if progress:
+            o.fields["download"].update(progress)
+        o.weights = (False, state.reason, state.message)
+        return
+    commit = state.result["commit"]
+    o.fields.update(resolvedRevision=commit)
+    o.fields["download"].update(bytes=state.result["bytes"], totalBytes=state.result["bytes"],
+                                files=state.result["files"])
+    o.weights = (True, "Pulled", state.message)
+
+    # 3. serving
+    deployment = build_deployment(name, spec, config, commit)
+    service = build_service(name, spec)
+    for child in (deployment, service):
+        kopf.adopt(child, owner=dict(body))
+    apply(apis.apps.read_namespaced_deployment, apis.apps.create_namespaced_deployment,
+          apis.apps.patch_namespaced_deployment, namespace, deployment)
+    apply(apis.core.read_namespaced_service, apis.core.create_namespaced_service,
+          apis.core.patch_namespaced_service, namespace, service)
+    live = apis.apps.read_namespaced_deployment(name, namespace)
+    ready = live.status.ready_replicas or 0
+    wanted = spec.replicas
+    current = (live.status.observed_generation or 0) >= live.metadata.generation and \
+        (live.status.updated_replicas or 0) >= wanted
+    o.fields.update(replicas=live.status.replicas or 0, readyReplicas=ready, readyText=f"{ready}/{wanted}",
+                    selector=",".join(f"{k}={v}" for k, v in server_selector(name).items()),
+                    endpoint=f"http://{name}.{namespace}.svc:{spec.service.port}")
+    if current and ready >= wanted:
+        o.available = (True, "ReplicasReady", f"{ready}/{wanted} replicas ready")
+    else:
+        o.available = (False, "RollingOut" if not current else "ReplicasNotReady",
+                       f"{ready}/{wanted} replicas ready" + pod_problem(apis, namespace, name))
+
+
+def pod_problem(apis: Apis, namespace: str, name: str) -> str:
+    selector = ",".join(f"{k}={v}" for k, v in server_selector(name).items())
+    for pod in apis.core.list_namespaced_pod(namespace, label_selector=selector).items:
+        for status in pod.status.container_statuses or []:
+            waiting = status.state.waiting if status.state else None
+            if waiting and waiting.reason not in ("ContainerCreating", "PodInitializing"):
+                return f"; {pod.metadata.name} {status.name}: {waiting.reason}"
+    return ""
+
+
+def latest_event(apis: Apis, namespace: str, kind: str, name: str) -> str | None:
+    events = apis.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}").items
+    events.sort(key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+    return events[-1].message if events else None
+
+
+PROGRESS_REASONS = {"Waiting", "Creating", "Pulling", "RollingOut", "ReplicasNotReady", "Ready", "Progressing"}
+
+
+def write_status(apis: Apis, body, observation: Observation, previous: list[dict]) -> None:
+    status, changed = status_patch(observation, previous)
+    meta = body["metadata"]
+    try:
+        apis.custom.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
+                                                          {"status": status})
+    except ApiException as error:
+        if error.status == 404:
+            return   # deleted meanwhile
+        raise
+    # One Event per transition that a person wants to see: a step done, a failure, a stall.
+    for condition, _old in changed:
+        kind, ok, reason = condition["type"], condition["status"] == "True", condition["reason"]
+        if kind == STALLED and ok:
+            kopf.warn(dict(body), reason=reason, message=condition["message"])
+        elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE, READY) and ok:
+            kopf.info(dict(body), reason=kind, message=condition["message"] or kind)
+        elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE) and reason not in PROGRESS_REASONS:
+            kopf.warn(dict(body), reason=reason, message=condition["message"])

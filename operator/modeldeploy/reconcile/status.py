@@ -1,0 +1,79 @@
+"""Conditions and phase, kstatus-compatible: `Ready` with observedGeneration, plus `Reconciling` while work is
+under way and `Stalled` when it cannot go on until something changes - so `kubectl wait --for=condition=Ready`,
+Argo CD and Flux all read the resource's health."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+CACHE_READY, WEIGHTS_READY, AVAILABLE, READY = "CacheReady", "WeightsReady", "Available", "Ready"
+RECONCILING, STALLED = "Reconciling", "Stalled"
+ORDER = (READY, CACHE_READY, WEIGHTS_READY, AVAILABLE, RECONCILING, STALLED)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Observation:
+    """What one reconcile found, condition by condition; turned into `status` by `status_patch`."""
+    generation: int
+    cache: tuple[bool, str, str] | None = None       # (ok, reason, message)
+    weights: tuple[bool, str, str] | None = None
+    available: tuple[bool, str, str] | None = None
+    stalled: tuple[str, str] | None = None           # (reason, message): cannot progress without a change
+    fields: dict = field(default_factory=dict)        # other status fields (resolvedRevision, download, ...)
+    retry: str | None = None                          # waiting on something outside the spec: look again soon
+
+
+def merge_condition(previous: list[dict], kind: str, ok: bool | None, reason: str, message: str,
+                    generation: int) -> dict:
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    old = next((c for c in previous if c.get("type") == kind), None)
+    changed = old is None or old.get("status") != status
+    # Never an empty message: the API client sends empty strings as null, which the schema refuses.
+    return {"type": kind, "status": status, "reason": reason, "message": (message or reason)[:1000],
+            "lastTransitionTime": now() if changed else old.get("lastTransitionTime", now()),
+            "observedGeneration": generation}
+
+
+def status_patch(observation: Observation, previous: list[dict]) -> tuple[dict, list[tuple[dict, dict | None]]]:
+    """The new status, and the conditions whose status changed (new, old) for Events."""
+    g = observation.generation
+    conditions = []
+    for kind, value in ((CACHE_READY, observation.cache), (WEIGHTS_READY, observation.weights),
+                        (AVAILABLE, observation.available)):
+        if value is None:
+            value = (None, "Waiting", "waiting for the previous step")
+        conditions.append(merge_condition(previous, kind, *value, generation=g))
+    steps = [observation.cache, observation.weights, observation.available]
+    ready = all(step is not None and step[0] for step in steps)
+    if observation.stalled:
+        reason, message = observation.stalled
+        conditions.append(merge_condition(previous, STALLED, True, reason, message, g))
+        conditions.append(merge_condition(previous, RECONCILING, False, reason, "stopped: " + message, g))
+        conditions.append(merge_condition(previous, READY, False, reason, message, g))
+        phase = "Failed"
+    else:
+        conditions.append(merge_condition(previous, STALLED, False, "Progressing", "", g))
+        first_pending = next((s for s in steps if s is None or not s[0]), None)
+        if ready:
+            conditions.append(merge_condition(previous, RECONCILING, False, "Ready", "", g))
+            conditions.append(merge_condition(previous, READY, True, "Ready", "all replicas are ready", g))
+            phase = "Ready"
+        else:
+            reason, message = (first_pending[1], first_pending[2]) if first_pending else ("Waiting", "")
+            conditions.append(merge_condition(previous, RECONCILING, True, reason, message, g))
+            conditions.append(merge_condition(previous, READY, False, reason, message, g))
+            phase = {CACHE_READY: "Pending", WEIGHTS_READY: "Pulling", AVAILABLE: "Deploying"}[
+                (CACHE_READY, WEIGHTS_READY, AVAILABLE)[steps.index(first_pending)]] if first_pending else "Pending"
+    conditions.sort(key=lambda c: ORDER.index(c["type"]))
+    changed = []
+    for condition in conditions:
+        old = next((c for c in previous if c.get("type") == condition["type"]), None)
+        if old is None or old.get("status") != condition["status"] or old.get("reason") != condition["reason"]:
+            changed.append((condition, old))
+    status = {"observedGeneration": g, "phase": phase, "conditions": conditions, **observation.fields}
+    return status, changed
