@@ -1,0 +1,52 @@
+"""Names, labels and security settings every builder shares."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from modeldeploy.api import ModelDeploymentSpec
+
+LABEL_MDEP = "modeldeploy.io/model-deployment"
+LABEL_WEIGHTS = "modeldeploy.io/weights"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "modeldeploy", "app.kubernetes.io/part-of": "modeldeploy"}
+ANNOTATION_MODEL = "modeldeploy.io/model"
+CACHE_MOUNT = "/cache"
+RUNTIME_UID = 65532
+
+
+def weights_key(spec: ModelDeploymentSpec, endpoint: str | None) -> str:
+    """Content address of a weight set: every ModelDeployment that needs the same files in the same cache shares
+    one pull Job (never keyed by a resource's UID, which would download the same model once per resource)."""
+    identity = {"cache": spec.cache.claim_name, "source": spec.model.source, "endpoint": endpoint or "",
+                "model": spec.model.id, "revision": spec.model.revision, "files": sorted(spec.model.files or []),
+                "pickle": spec.model.allow_pickle}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def dns_name(*parts: str, limit: int = 63) -> str:
+    """A DNS-1123 label from parts; the last part (a hash) is always kept whole."""
+    *prefix, last = parts
+    head = re.sub(r"[^a-z0-9-]+", "-", "-".join(prefix).lower()).strip("-")
+    head = head[: limit - len(last) - 1].rstrip("-")
+    return f"{head}-{last}" if head else last
+
+
+def pull_job_name(spec: ModelDeploymentSpec, key: str) -> str:
+    return dns_name("pull", spec.model.id.split("/")[-1], key)
+
+
+def mdep_labels(name: str, component: str) -> dict:
+    return {**MANAGED_BY, LABEL_MDEP: name, LABEL_COMPONENT: component, "app.kubernetes.io/instance": name}
+
+
+def restricted_container_security() -> dict:
+    return {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}}
+
+
+def restricted_pod_security() -> dict:
+    return {"runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
