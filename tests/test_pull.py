@@ -44,7 +44,7 @@ def hub(minilm_dir):
 
 
 def pull(hub_url: str, cache: Path, *args: str, env: dict | None = None, model: str = MINILM,
-         timeout: float = 240) -> tuple[int, list[dict]]:
+         timeout: float = 240) -> tuple[int, list[dict], str]:
     command = [sys.executable, "-m", "modeldeploy", "pull", "--model", model, "--cache-dir", str(cache),
                "--endpoint", hub_url, "--retry-wait", "0.2", "--progress-interval", "0.5",
                "--termination-log", str(cache.parent / "termination-log"), *args]
@@ -74,7 +74,7 @@ def test_pull_writes_a_verified_snapshot_that_loads_offline(hub, tmp_path, minil
     result = final(events)
     repo = hub.repos[MINILM]
     assert result["event"] == "complete" and result["commit"] == repo.commit
-    assert result["files"] == len(repo.files) - 0 and result["bytes"] == sum(f.size for f in repo.files.values())
+    assert result["files"] == len(repo.files) and result["bytes"] == sum(f.size for f in repo.files.values())
     assert result["checks"] == {"sha256": 1, "git-sha1": len(repo.files) - 1}
     assert any(e["event"] == "progress" for e in events)
     # The termination message carries the same final line the operator reads.

@@ -96,7 +96,7 @@ def test_pull_job_is_content_addressed_and_sees_only_its_own_token():
     assert other["metadata"]["name"] != a["metadata"]["name"]
     container = a["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
-    assert not any("value" in e and "hf" == e.get("value") for e in container["env"])
+    assert all("valueFrom" in e for e in container["env"] if "TOKEN" in e["name"])   # never a literal value
     assert a["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     assert "ownerReferences" not in a["metadata"]                   # shared: owned by no single resource
 

@@ -162,6 +162,7 @@ class Puller:
                 child.kill()
             child.join(10)
         if outcome[0] == "ok":
+            progress.sample(time.monotonic())
             self.emit(progress.line(time.monotonic()))
             return outcome[1]
         _, reason, message, retry_after = outcome
