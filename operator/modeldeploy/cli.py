@@ -7,6 +7,7 @@ import logging
 import sys
 
 from modeldeploy import __version__, render
+from modeldeploy.monitor import cli as monitor_cli
 from modeldeploy.pull import cli as pull_cli
 from modeldeploy.reconcile import cli as operator_cli
 from modeldeploy.serve import cli as serve_cli
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.register(commands)
     render.register(commands)
     operator_cli.register(commands)
+    monitor_cli.register(commands)
     return parser
 
 

@@ -84,12 +84,16 @@ def engine_container(spec: ModelDeploymentSpec, profile: Profile, config: Operat
     return container
 
 
-def monitor_container(config: OperatorConfig, server_port: int) -> dict:
+def monitor_container(config: OperatorConfig, spec: ModelDeploymentSpec, server_port: int, probe_path: str | None,
+                      commit: str) -> dict:
+    args = ["monitor", "--target", f"http://127.0.0.1:{server_port}", "--port", str(METRICS_PORT),
+            "--cache-dir", CACHE_MOUNT, "--model", spec.model.id, "--revision", commit]
+    if probe_path:
+        args += ["--probe-path", probe_path]
     return {
         "name": "monitor", "image": config.operator_image, "imagePullPolicy": config.image_pull_policy,
         "command": ["modeldeploy"],
-        "args": ["monitor", "--target", f"http://127.0.0.1:{server_port}", "--port", str(METRICS_PORT),
-                 "--cache-dir", CACHE_MOUNT],
+        "args": args,
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "96Mi"}},
         "securityContext": restricted_container_security(),
@@ -104,7 +108,8 @@ def build_deployment(name: str, spec: ModelDeploymentSpec, config: OperatorConfi
     containers = [server]
     annotations = {ANNOTATION_MODEL: f"{spec.model.source}:{spec.model.id}@{commit}"}
     if spec.monitoring.enabled:
-        containers.append(monitor_container(config, server["ports"][0]["containerPort"]))
+        probe = server["readinessProbe"].get("httpGet", {}).get("path")
+        containers.append(monitor_container(config, spec, server["ports"][0]["containerPort"], probe, commit))
         annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
                             "prometheus.io/path": "/metrics"})
     volumes = [{"name": "cache", "persistentVolumeClaim": {"claimName": spec.cache.claim_name, "readOnly": True}},

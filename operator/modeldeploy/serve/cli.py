@@ -8,14 +8,9 @@ import logging
 import signal
 from pathlib import Path
 
-from aiohttp import web
-
 from modeldeploy.pull.cli import positive, repo_id
 from modeldeploy.serve import device as devices
-from modeldeploy.serve.app import ServerState, build_app
-from modeldeploy.serve.engine import ENGINES, BatchingOptions
-from modeldeploy.serve.loading import TASKS, LoadOptions, load
-from modeldeploy.serve.metrics import RuntimeMetrics
+from modeldeploy.serve.loading import TASKS
 
 log = logging.getLogger("modeldeploy.serve")
 
@@ -54,7 +49,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the other subcommands (the sidecar above all) must stay small.
     import torch
+    from aiohttp import web
+
+    from modeldeploy.serve.app import ServerState, build_app
+    from modeldeploy.serve.engine import ENGINES, BatchingOptions
+    from modeldeploy.serve.loading import LoadOptions, load
+    from modeldeploy.serve.metrics import RuntimeMetrics
 
     device = devices.choose_device(args.device)
     quantization = devices.resolve_quantization(args.quantization, device)

@@ -13,7 +13,6 @@ from typing import Any
 
 from modeldeploy import cache_layout
 from modeldeploy.serve.device import StartupError
-from modeldeploy.serve.quantize import quantize_int8_dynamic
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +115,8 @@ def load(options: LoadOptions) -> LoadedModel:
     model.eval()
 
     if options.quantization == "int8-dynamic":
+        from modeldeploy.serve.quantize import quantize_int8_dynamic   # imports torch: only where it is used
+
         replaced = quantize_int8_dynamic(model)
         log.info("int8-dynamic: %d linear layers quantized", replaced)
     model.to(options.device)

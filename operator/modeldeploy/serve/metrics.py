@@ -3,7 +3,7 @@ follow vLLM/TGI practice (queue depth, batch size, time in queue, tokens) under 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -15,6 +15,7 @@ class RuntimeMetrics:
         self.model_name = model_name
         self.quantization = quantization
         r = self.registry
+        r.register(PROCESS_COLLECTOR)   # the server process's CPU seconds and resident memory
         self.latency = Histogram("model_inference_latency_seconds", "Request latency, arrival to response",
                                  ["model_name", "quantization"], buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("model_inference_errors_total", "Failed requests by kind",

@@ -1,0 +1,1 @@
+"""`modeldeploy monitor`: the sidecar of every serving pod, one Prometheus endpoint per pod."""
