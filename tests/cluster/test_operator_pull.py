@@ -29,7 +29,7 @@ def operator_image(kubeconfig) -> str:
 
 
 @pytest.fixture(scope="module")
-def hub():
+def hub(kubeconfig):   # the bridge address exists once the cluster runs
     server = HubServer()
     server.add_repo(Repo.from_folder(MINILM, minilm_dir()))
     server.start(host=NODE_ADDRESS)
