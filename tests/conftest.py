@@ -32,7 +32,7 @@ def kubeconfig() -> str:
 
 @pytest.fixture(scope="session")
 def api_client(kubeconfig):
-    from kubernetes import client, config
+    from kubernetes import config
 
     return config.new_client_from_config(config_file=kubeconfig)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from pathlib import Path
@@ -78,3 +79,24 @@ class ServeProcess:
             self.process.kill()
             self.log = self.process.communicate()[0]
         return self.log
+
+
+@contextlib.contextmanager
+def operator_process(kubeconfig: str, namespace: str, workdir: Path, config_yaml: str):
+    """`modeldeploy operator` watching one namespace, as a process; prints its log tail afterwards."""
+    import sys
+
+    config = workdir / "operator.yaml"
+    config.write_text(config_yaml)
+    log_path = workdir / "operator.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", "--namespace", namespace,
+                                    "--config", str(config), "--health-port", "0"],
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   env={"KUBECONFIG": kubeconfig, "PATH": "/usr/bin:/bin"})
+        try:
+            yield process
+        finally:
+            process.terminate()
+            process.wait(30)
+    print(log_path.read_text()[-6000:])

@@ -9,17 +9,12 @@ count, an unknown accelerator profile, fp16 on the loongson profile, a token Sec
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.helpers import REPO, wait_for
+from tests.helpers import REPO, operator_process, wait_for
 
 GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
 
@@ -47,18 +42,8 @@ def crd(api_client):
 
 @pytest.fixture
 def operator(kubeconfig, crd, namespace, tmp_path):
-    config = tmp_path / "operator.yaml"
-    config.write_text("registry: localhost\nimage_pull_policy: Never\n")
-    log = open(tmp_path / "operator.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", "--namespace", namespace,
-                                "--config", str(config), "--health-port", "0"],
-                               stdout=log, stderr=subprocess.STDOUT, env={"KUBECONFIG": kubeconfig,
-                                                                          "PATH": "/usr/bin:/bin"})
-    yield process
-    process.terminate()
-    process.wait(30)
-    log.close()
-    print((tmp_path / "operator.log").read_text()[-6000:])
+    with operator_process(kubeconfig, namespace, tmp_path, "registry: localhost\nimage_pull_policy: Never\n") as p:
+        yield p
 
 
 def mdep(name: str, **spec) -> dict:

@@ -7,13 +7,12 @@ the finished pull."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 from kubernetes import client
 
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, mdep  # noqa: F401 (crd: fixture)
-from tests.helpers import REPO, wait_for
+from tests.helpers import REPO, operator_process, wait_for
 from tests.hubserver import HubServer, Repo
 from tests.models import MINILM, minilm_dir
 
@@ -39,18 +38,9 @@ def hub(kubeconfig):   # the bridge address exists once the cluster runs
 
 @pytest.fixture
 def operator(kubeconfig, crd, namespace, operator_image, tmp_path):  # noqa: F811
-    config = tmp_path / "operator.yaml"
-    config.write_text(f"registry: localhost\noperator_image: {operator_image}\nimage_pull_policy: Never\n")
-    log = open(tmp_path / "operator.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", "--namespace", namespace,
-                                "--config", str(config), "--health-port", "0"],
-                               stdout=log, stderr=subprocess.STDOUT, env={"KUBECONFIG": kubeconfig,
-                                                                          "PATH": "/usr/bin:/bin"})
-    yield process
-    process.terminate()
-    process.wait(30)
-    log.close()
-    print((tmp_path / "operator.log").read_text()[-6000:])
+    config = f"registry: localhost\noperator_image: {operator_image}\nimage_pull_policy: Never\n"
+    with operator_process(kubeconfig, namespace, tmp_path, config) as process:
+        yield process
 
 
 def test_the_pull_job_fills_the_cache_and_the_status_follows(api_client, namespace, operator, hub):
