@@ -2,12 +2,15 @@
 # Builds the project's images here, offline, and loads them into the local cluster's containerd:
 #   localhost/modeldeploy-base:bookworm   Debian bookworm + python3 (debootstrap from Debian's archive; cached)
 #   localhost/modeldeploy:dev             the operator image (Dockerfile target `operator`)
-# Usage: hack/build-images.sh [--no-load]
+#   localhost/modeldeploy-runtime-cpu:dev the CPU serving runtime (target `runtime-cpu`, torch from this disk)
+# Usage: hack/build-images.sh [--no-load] [operator|runtime-cpu ...]   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${MODELDEPLOY_CACHE:-$HOME/.cache/modeldeploy}
 BASE=localhost/modeldeploy-base:bookworm
 OPERATOR=localhost/modeldeploy:dev
+RUNTIME_CPU=localhost/modeldeploy-runtime-cpu:dev
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PIP=${PIP:-.venv/bin/pip}
 log() { echo "build-images: $*" >&2; }
 
@@ -28,18 +31,43 @@ if ! podman image exists "$BASE"; then
   podman import "$tarball" "$BASE" >/dev/null
 fi
 
+load=1
+targets=()
+for arg in "$@"; do
+  case $arg in
+    --no-load) load=0 ;;
+    operator|runtime-cpu) targets+=("$arg") ;;
+    *) echo "usage: $0 [--no-load] [operator|runtime-cpu ...]" >&2; exit 2 ;;
+  esac
+done
+[ ${#targets[@]} -gt 0 ] || targets=(operator runtime-cpu)
+
 context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
 mkdir "$context/wheels"
-log "wheels for the operator image"
-pip_log=$context/pip.log
-$PIP wheel -q --no-deps -w "$context/wheels" . >"$pip_log" 2>&1 || { cat "$pip_log" >&2; exit 1; }
-$PIP download -q --only-binary=:all: -d "$context/wheels" "$(ls "$context"/wheels/modeldeploy-*.whl)[gpu]" \
-  >"$pip_log" 2>&1 || { cat "$pip_log" >&2; exit 1; }
-rm -f "$pip_log"
 cp Dockerfile "$context/"
-log "building $OPERATOR"
-podman build --network=none -q --target operator --build-arg "BASE_IMAGE=$BASE" -t "$OPERATOR" "$context" >/dev/null
-podman image inspect "$OPERATOR" --format "build-images: $OPERATOR {{.Size}} bytes" >&2
+pip_log=$context/pip.log
+fetch() {   # wheels of everything asked for, from the indexes and wheel folders pip is configured with
+  $PIP download -q --only-binary=:all: -d "$context/wheels" "$@" >"$pip_log" 2>&1 || { cat "$pip_log" >&2; exit 1; }
+}
+log "wheels"
+$PIP wheel -q --no-deps -w "$context/wheels" . >"$pip_log" 2>&1 || { cat "$pip_log" >&2; exit 1; }
+own=$(ls "$context"/wheels/modeldeploy-*.whl)
+fetch "$own[gpu]"
 
-[ "${1:-}" = "--no-load" ] || bash hack/cluster.sh load-image "$OPERATOR"
+for target in "${targets[@]}"; do
+  case $target in
+    operator) image=$OPERATOR ;;
+    runtime-cpu) image=$RUNTIME_CPU; fetch "$TORCH_SPEC" "$own[runtime,gpu]" ;;
+  esac
+  # Bind-mounted wheels are invisible to the layer cache: their digests key the install layers (see Dockerfile).
+  deps_digest=$(cd "$context/wheels" && ls | grep -v '^modeldeploy-' | sha256sum | cut -c1-16)
+  source_digest=$(sha256sum "$own" | cut -c1-16)
+  log "building $image (target $target)"
+  podman build --network=none -q --target "$target" --build-arg "BASE_IMAGE=$BASE" \
+    --build-arg "TORCH_SPEC=$TORCH_SPEC" --build-arg "DEPS_DIGEST=$deps_digest" \
+    --build-arg "SOURCE_DIGEST=$source_digest" -t "$image" "$context" >/dev/null
+  podman image inspect "$image" --format "build-images: $image {{.Size}} bytes" >&2
+  [ "$load" = 0 ] || bash hack/cluster.sh load-image "$image"
+done
+podman image prune -f >/dev/null   # the previous builds' layers, now untagged

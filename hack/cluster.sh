@@ -322,7 +322,7 @@ load_image() {
   local image=$1 archive
   archive=$(mktemp --suffix=.tar)
   rm -f "$archive"
-  podman save --format oci-archive -o "$archive" "$image" >/dev/null
+  podman save -q --format oci-archive -o "$archive" "$image" >/dev/null
   # ctr names an OCI archive's image after its ref annotation; --base-name + --digests keep the full name.
   ctr -n k8s.io images import --base-name "${image%:*}" --digests --all-platforms "$archive" >/dev/null
   local digest_ref

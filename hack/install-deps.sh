@@ -33,3 +33,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 echo "install-deps: Debian packages present"
+
+command -v npm >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm; }
+echo "install-deps: helm at $(bash "$(dirname "$0")/install-helm.sh")"

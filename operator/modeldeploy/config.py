@@ -7,13 +7,18 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
 
 VERSION_TAG = "0.1.0"
 
 
-class Profile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Settings(BaseModel):
+    """Keys are camelCase as in the chart's values (snake_case is accepted too); unknown keys are errors."""
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class Profile(Settings):
 
     device: Literal["cuda", "cpu"] = "cpu"
     default_quantization: str = "none"
@@ -48,15 +53,13 @@ def builtin_profiles(registry: str, tag: str) -> dict[str, Profile]:
     }
 
 
-class CacheDefaults(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CacheDefaults(Settings):
 
     storage_class_name: str | None = None
     size: str = "50Gi"
 
 
-class PullDefaults(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PullDefaults(Settings):
 
     backoff_limit: int = 3                      # Job retries of transient failures (exit code 4)
     endpoints: dict[str, str] = Field(default_factory=dict)   # source -> default mirror, e.g. gitee or hf-mirror
@@ -65,8 +68,12 @@ class PullDefaults(BaseModel):
                                                       "limits": {"memory": "1Gi"}})
 
 
-class OperatorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MonitoringDefaults(Settings):
+    pod_monitors: Literal["auto", "never"] = "auto"   # auto: a PodMonitor per ModelDeployment when the CRD exists
+    discovery_interval_seconds: float = 60.0          # how often to look again whether that CRD exists
+
+
+class OperatorConfig(Settings):
 
     namespaces: list[str] = Field(default_factory=list)   # empty: the whole cluster
     registry: str = "ghcr.io/modeldeploy"
@@ -75,13 +82,34 @@ class OperatorConfig(BaseModel):
     profiles: dict[str, Profile] = Field(default_factory=dict)
     cache: CacheDefaults = Field(default_factory=CacheDefaults)
     pull: PullDefaults = Field(default_factory=PullDefaults)
+    monitoring: MonitoringDefaults = Field(default_factory=MonitoringDefaults)
+
+    @model_validator(mode="before")
+    @classmethod
+    def over_builtin_profiles(cls, data):
+        """A configured profile is laid over the built-in one of the same name, field by field (a chart value can
+        change one image without restating the profile); a new name is a whole new profile."""
+        if not isinstance(data, dict):
+            return data
+        registry = data.get("registry") or cls.model_fields["registry"].default
+        profiles = {name: profile.model_dump(by_alias=True)
+                    for name, profile in builtin_profiles(registry, VERSION_TAG).items()}
+        for name, given in (data.get("profiles") or {}).items():
+            if isinstance(given, Profile):
+                given = given.model_dump(by_alias=True, exclude_unset=True)
+            if name in profiles and isinstance(given, dict):
+                given = {to_camel(key): value for key, value in given.items()}
+                merged = {**profiles[name], **given}
+                if isinstance(given.get("images"), dict):
+                    merged["images"] = {**profiles[name]["images"], **given["images"]}
+                profiles[name] = merged
+            else:
+                profiles[name] = given
+        return {**data, "profiles": profiles}
 
     def model_post_init(self, _context) -> None:
         if not self.operator_image:
             self.operator_image = f"{self.registry}/modeldeploy:{VERSION_TAG}"
-        merged = builtin_profiles(self.registry, VERSION_TAG)
-        merged.update(self.profiles)
-        self.profiles = merged
 
 
 def load_config(path: Path | None) -> OperatorConfig:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from modeldeploy.api import KIND, ModelDeploymentSpec
 from modeldeploy.build.cache import build_cache_pvc
+from modeldeploy.build.monitoring import build_pod_monitor
 from modeldeploy.build.common import weights_key
 from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
 from modeldeploy.build.serving import build_deployment, build_service
@@ -37,7 +38,7 @@ def parse_spec(body: dict) -> ModelDeploymentSpec:
         raise RenderError(problems) from None
 
 
-def render(body: dict, config: OperatorConfig, commit: str | None = None) -> list[dict]:
+def render(body: dict, config: OperatorConfig, commit: str | None = None, pod_monitor: bool = False) -> list[dict]:
     if body.get("kind") != KIND:
         raise RenderError(f"expected kind {KIND}, got {body.get('kind')!r}")
     name = body.get("metadata", {}).get("name")
@@ -51,6 +52,8 @@ def render(body: dict, config: OperatorConfig, commit: str | None = None) -> lis
     pinned = commit or spec.model.revision
     objects = [build_cache_pvc(spec, config), build_pull_job(spec, config, key),
                build_deployment(name, spec, config, pinned), build_service(name, spec)]
+    if pod_monitor and spec.monitoring.enabled:
+        objects.append(build_pod_monitor(name))
     namespace = body.get("metadata", {}).get("namespace")
     if namespace:
         for obj in objects:
@@ -62,6 +65,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("render", help="print the objects a ModelDeployment becomes", description=__doc__)
     p.add_argument("-f", "--filename", required=True, type=Path, help="a ModelDeployment manifest (- for stdin)")
     p.add_argument("--config", type=Path, help="the operator's configuration file (default: built-in profiles)")
+    p.add_argument("--pod-monitor", action="store_true",
+                   help="include the PodMonitor the operator adds where the Prometheus Operator runs")
     p.add_argument("--commit", help="the resolved commit to pin the serving pods to (default: the revision)")
     p.set_defaults(run=run)
 
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         documents = [d for d in yaml.safe_load_all(text) if d]
         config = load_config(args.config)
-        objects = [obj for body in documents for obj in render(body, config, args.commit)]
+        objects = [obj for body in documents for obj in render(body, config, args.commit, args.pod_monitor)]
     except (RenderError, yaml.YAMLError, ValidationError, OSError) as error:
         print(f"modeldeploy render: {error}", file=sys.stderr)
         return 1

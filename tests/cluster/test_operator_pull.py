@@ -1,8 +1,9 @@
-"""The pull half of a ModelDeployment for real, in the cluster: the operator image (built here by
-hack/build-images.sh) runs `modeldeploy pull` in a Job against a Hub-compatible server on the host, writes the
-shared cache PVC, and the operator reads the result from the pod's termination message into the status, then
-creates the serving Deployment pinned to the resolved commit. A second ModelDeployment of the same model reuses
-the finished pull."""
+"""A ModelDeployment's whole life on the real cluster, with the project's images (built here by
+hack/build-images.sh): the pull Job fills the shared cache from a Hub-compatible server on the host, the status
+takes the resolved commit, the serving pods (runtime + monitoring sidecar) go Ready and `kubectl wait` returns;
+`kubectl scale` goes through the scale subresource to the Deployment only; a revision change pulls again and rolls
+the pods onto the new commit; a PodMonitor appears once the Prometheus Operator's CRD exists, and not before.
+(The operator runs on the host here; tests/cluster/test_e2e.py runs it in the cluster from the Helm chart.)"""
 
 from __future__ import annotations
 
@@ -10,21 +11,24 @@ import subprocess
 
 import pytest
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, mdep  # noqa: F401 (crd: fixture)
-from tests.helpers import REPO, operator_process, wait_for
-from tests.hubserver import HubServer, Repo
+from tests.helpers import operator_process, wait_for
+from tests.hubserver import HubServer, Repo, RepoFile
 from tests.models import MINILM, minilm_dir
 
 NODE_ADDRESS = "10.244.0.1"   # the cluster bridge: pods reach the host here (hack/cluster.sh)
-
-
-@pytest.fixture(scope="module")
-def operator_image(kubeconfig) -> str:
-    done = subprocess.run(["bash", str(REPO / "hack" / "build-images.sh")], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"building the images failed:\n{done.stderr[-4000:]}")
-    return "localhost/modeldeploy:dev"
+POD_MONITOR_CRD = {
+    # The Prometheus Operator's PodMonitor kind, as far as the API server is concerned (its real schema is large).
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+             "names": {"plural": "podmonitors", "singular": "podmonitor", "kind": "PodMonitor",
+                       "listKind": "PodMonitorList"},
+             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,38 +41,97 @@ def hub(kubeconfig):   # the bridge address exists once the cluster runs
 
 
 @pytest.fixture
-def operator(kubeconfig, crd, namespace, operator_image, tmp_path):  # noqa: F811
-    config = f"registry: localhost\noperator_image: {operator_image}\nimage_pull_policy: Never\n"
+def operator(kubeconfig, crd, namespace, images, tmp_path):  # noqa: F811
+    config = (f"registry: localhost\noperatorImage: {images['operator']}\nimagePullPolicy: Never\n"
+              f"profiles: {{cpu: {{images: {{builtin: {images['runtime-cpu']}}}}}}}\n"
+              f"monitoring: {{discoveryIntervalSeconds: 1}}\n")
     with operator_process(kubeconfig, namespace, tmp_path, config) as process:
         yield process
 
 
-def test_the_pull_job_fills_the_cache_and_the_status_follows(api_client, namespace, operator, hub):
-    custom, apps, batch = (client.CustomObjectsApi(api_client), client.AppsV1Api(api_client),
-                           client.BatchV1Api(api_client))
-    commit = hub.repos[MINILM].commit
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                           mdep("minilm", model={"id": MINILM, "endpoint": hub.url}))
-    weights = wait_for(lambda: condition(custom, namespace, "minilm", "WeightsReady").get("status") == "True" and
-                       condition(custom, namespace, "minilm", "WeightsReady"), 300, "the weights to be pulled")
-    assert commit in weights["message"] and "13 files" in weights["message"]
+@pytest.fixture
+def pod_monitor_crd(api_client):
+    extensions = client.ApiextensionsV1Api(api_client)
+    yield lambda: extensions.create_custom_resource_definition(POD_MONITOR_CRD)
+    try:
+        extensions.delete_custom_resource_definition(POD_MONITOR_CRD["metadata"]["name"])
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def kubectl(kubeconfig: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["kubectl", "--kubeconfig", kubeconfig, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def server_pods(core, namespace: str, name: str) -> list:
+    return core.list_namespaced_pod(namespace, label_selector=f"modeldeploy.io/model-deployment={name}").items
+
+
+def test_a_model_deployment_from_pull_to_ready_scaled_and_moved_to_a_new_revision(
+        api_client, kubeconfig, namespace, operator, hub, pod_monitor_crd):
+    custom, apps, batch, core = (client.CustomObjectsApi(api_client), client.AppsV1Api(api_client),
+                                 client.BatchV1Api(api_client), client.CoreV1Api(api_client))
+    first = hub.repos[MINILM]
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(
+        "minilm", model={"id": MINILM, "endpoint": hub.url, "revision": first.commit}, replicas=1))
+
+    # `kubectl wait` understands the status (Ready with observedGeneration).
+    waited = kubectl(kubeconfig, "-n", namespace, "wait", "mdep/minilm", "--for=condition=Ready", "--timeout=300s",
+                     timeout=320)
+    assert waited.returncode == 0, waited.stderr + str(condition(custom, namespace, "minilm", "Ready"))
     status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "minilm")["status"]
-    assert status["resolvedRevision"] == commit
-    assert status["download"]["bytes"] == sum(f.size for f in hub.repos[MINILM].files.values())
-    assert hub.total_bytes_sent == status["download"]["bytes"]          # pulled once, in the cluster
+    assert status["resolvedRevision"] == first.commit and status["phase"] == "Ready"
+    assert status["readyReplicas"] == 1 and status["observedGeneration"] == 1
+    assert status["download"]["bytes"] == sum(f.size for f in first.files.values()) == hub.total_bytes_sent
+    assert "etaSeconds" not in status["download"]          # only while pulling
+    deployment = apps.read_namespaced_deployment("minilm", namespace)
+    server, monitor = deployment.spec.template.spec.containers
+    assert server.args[server.args.index("--revision") + 1] == first.commit     # pinned to the resolved commit
+    assert monitor.name == "monitor" and deployment.metadata.owner_references[0].name == "minilm"
+    pods = server_pods(core, namespace, "minilm")
+    assert all(s.ready for p in pods for s in p.status.container_statuses)   # server and sidecar alike
+    # No PodMonitor kind in the cluster: only the prometheus.io annotations.
+    assert deployment.spec.template.metadata.annotations["prometheus.io/port"] == "9090"
 
-    deployment = wait_for(lambda: apps.list_namespaced_deployment(namespace).items, 60, "the Deployment")[0]
-    server = deployment.spec.template.spec.containers[0]
-    assert server.args[server.args.index("--revision") + 1] == commit  # pinned to the resolved commit
-    assert deployment.metadata.owner_references[0].name == "minilm"
-    # The runtime image is not built yet: the status names the reason instead of waiting silently.
-    wait_for(lambda: "ErrImageNeverPull" in condition(custom, namespace, "minilm", "Available").get("message", ""),
-             120, "the missing runtime image in the status")
+    # Scaling goes through the scale subresource and touches the Deployment only: no new pull.
+    scaled = kubectl(kubeconfig, "-n", namespace, "scale", "mdep/minilm", "--replicas=2")
+    assert scaled.returncode == 0, scaled.stderr
+    wait_for(lambda: custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "minilm")["status"].get(
+        "readyReplicas") == 2 and condition(custom, namespace, "minilm", "Ready")["status"] == "True", 180,
+        "two ready replicas")
+    assert apps.read_namespaced_deployment("minilm", namespace).spec.replicas == 2
+    assert len(batch.list_namespaced_job(namespace).items) == 1
+    scale = custom.get_namespaced_custom_object_scale(GROUP, VERSION, namespace, PLURAL, "minilm")
+    assert scale["status"]["replicas"] == 2 and "modeldeploy.io/model-deployment=minilm" in scale["status"]["selector"]
 
-    # A second ModelDeployment of the same weights reuses the finished pull: no new Job, no bytes moved.
+    # With the Prometheus Operator's CRD installed, the next reconcile adds a PodMonitor owned by the resource.
+    pod_monitor_crd()
+    group, version, plural = "monitoring.coreos.com", "v1", "podmonitors"
+    wait_for(lambda: custom.get_api_resources(group, version).resources, 60, "the PodMonitor kind to be served")
+
+    # A new revision: a new pull (only the changed file moves), then the pods roll onto the new commit.
+    second = hub.add_repo(Repo.from_files(MINILM, {**first.files, "NOTICE.txt": RepoFile("NOTICE.txt", b"v2\n")}))
     hub.reset_counters()
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                           mdep("minilm-2", model={"id": MINILM, "endpoint": hub.url}))
-    wait_for(lambda: condition(custom, namespace, "minilm-2", "WeightsReady").get("status") == "True", 120,
-             "the second one's weights")
-    assert len(batch.list_namespaced_job(namespace).items) == 1 and hub.total_bytes_sent == 0
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "minilm",
+                                          {"spec": {"model": {"revision": "main"}}})
+    wait_for(lambda: custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "minilm")["status"].get(
+        "resolvedRevision") == second.commit, 240, "the new revision to be pulled")
+    assert len(batch.list_namespaced_job(namespace).items) == 2
+    assert hub.total_bytes_sent == 3                                # the one new file; the rest is in the cache
+
+    def rolled():
+        current = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "minilm")
+        pods = [p for p in server_pods(core, namespace, "minilm") if not p.metadata.deletion_timestamp]
+        return (current["status"]["observedGeneration"] == current["metadata"]["generation"] == 3 and condition(custom, namespace, "minilm", "Ready")["status"] ==
+                "True" and len(pods) == 2 and all(second.commit in p.spec.containers[0].args for p in pods))
+    wait_for(rolled, 300, "the pods to roll onto the new commit and be Ready", detail=lambda: (
+        custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "minilm")["status"],
+        [(p.metadata.name, p.spec.containers[0].args, p.status.container_statuses)
+         for p in server_pods(core, namespace, "minilm")]))
+
+    [pod_monitor] = custom.list_namespaced_custom_object(group, version, namespace, plural)["items"]
+    assert pod_monitor["metadata"]["ownerReferences"][0]["name"] == "minilm"
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pod_monitor["spec"]["selector"]["matchLabels"]["modeldeploy.io/model-deployment"] == "minilm"

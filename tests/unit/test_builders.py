@@ -188,7 +188,28 @@ def test_render_command_prints_yaml_and_fails_clearly(tmp_path):
     assert done.returncode == 1 and "profile 'tpu' is not configured" in done.stderr
 
 
-def test_examples_render():
+def test_examples_render_to_valid_kubernetes_objects():
+    import kubernetes_validate
+
     for example in sorted((REPO / "examples").glob("*.yaml")):
         for document in yaml.safe_load_all(example.read_text()):
-            assert render(document, CONFIG), example
+            objects = render(document, CONFIG)
+            assert {o["kind"] for o in objects} >= {"PersistentVolumeClaim", "Job", "Deployment", "Service"}, example
+            for obj in objects:
+                kubernetes_validate.validate(obj, "1.30.0", strict=True)   # unknown fields fail too
+
+
+def test_configured_profiles_lay_over_the_builtin_ones():
+    config = OperatorConfig.model_validate({
+        "registry": "localhost", "imagePullPolicy": "Never", "cache": {"storageClassName": "fast"},
+        "profiles": {"cpu": {"images": {"builtin": "localhost/runtime:dev"}, "shm_size": "2Gi"},
+                     "arm": {"nodeSelector": {"kubernetes.io/arch": "arm64"}, "images": {"builtin": "r:arm"}}}})
+    assert config.image_pull_policy == "Never" and config.cache.storage_class_name == "fast"   # the chart's keys
+    cpu = config.profiles["cpu"]
+    assert cpu.images["builtin"] == "localhost/runtime:dev"
+    assert cpu.images["llamacpp"] == "ghcr.io/ggml-org/llama.cpp:server"       # the rest of the profile stays
+    assert cpu.shm_size == "2Gi" and cpu.default_quantization == "none"
+    assert config.profiles["nvidia"].images["builtin"] == "localhost/modeldeploy-runtime-cuda:0.1.0"
+    assert config.profiles["arm"].node_selector == {"kubernetes.io/arch": "arm64"}
+    with pytest.raises(ValueError, match="shm_sise|shmSise"):
+        OperatorConfig.model_validate({"profiles": {"cpu": {"shm_sise": "1Gi"}}})

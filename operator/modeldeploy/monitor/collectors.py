@@ -70,6 +70,16 @@ class CgroupCollector:
             yield family
 
 
+# Per GPU, labelled gpu (index) and uuid; present only where NVML sees a GPU.
+GPU_METRICS = {
+    "util": ("model_gpu_utilization_ratio", "GPU busy fraction"),
+    "used": ("model_gpu_memory_used_bytes", "GPU memory used"),
+    "total": ("model_gpu_memory_total_bytes", "GPU memory"),
+    "temp": ("model_gpu_temperature_celsius", "GPU temperature"),
+    "power": ("model_gpu_power_watts", "GPU power draw"),
+}
+
+
 class GpuCollector:
     """NVML metrics with the DCGM exporter's meaning, per GPU. Without NVML (no driver, no GPU, not NVIDIA) it
     yields only `model_gpu_available 0`."""
@@ -91,13 +101,8 @@ class GpuCollector:
         if not self.nvml:
             return
         nv = self.nvml
-        families = {
-            "util": GaugeMetricFamily("model_gpu_utilization_ratio", "GPU busy fraction", labels=["gpu", "uuid"]),
-            "used": GaugeMetricFamily("model_gpu_memory_used_bytes", "GPU memory used", labels=["gpu", "uuid"]),
-            "total": GaugeMetricFamily("model_gpu_memory_total_bytes", "GPU memory", labels=["gpu", "uuid"]),
-            "temp": GaugeMetricFamily("model_gpu_temperature_celsius", "GPU temperature", labels=["gpu", "uuid"]),
-            "power": GaugeMetricFamily("model_gpu_power_watts", "GPU power draw", labels=["gpu", "uuid"]),
-        }
+        families = {key: GaugeMetricFamily(name, help_text, labels=["gpu", "uuid"])
+                    for key, (name, help_text) in GPU_METRICS.items()}
         for index in range(nv.nvmlDeviceGetCount()):
             handle = nv.nvmlDeviceGetHandleByIndex(index)
             labels = [str(index), nv.nvmlDeviceGetUUID(handle)]

@@ -18,6 +18,7 @@ class Apis:
     batch: client.BatchV1Api
     apps: client.AppsV1Api
     custom: client.CustomObjectsApi
+    pod_monitors_checked: tuple[float, bool] | None = None   # (when, whether the PodMonitor kind exists)
 
     @classmethod
     def create(cls) -> "Apis":
@@ -139,5 +140,6 @@ def last_progress(apis: Apis, namespace: str, job_name: str) -> dict | None:
             except ValueError:
                 continue
             if event.get("event") == "progress":
-                return {k: event.get(k) for k in ("bytes", "total", "rate", "eta_seconds")}
+                return {"bytes": event.get("bytes"), "totalBytes": event.get("total"),
+                        "bytesPerSecond": event.get("rate"), "etaSeconds": event.get("eta_seconds")}
     return None

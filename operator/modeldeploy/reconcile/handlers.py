@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import kopf
 from kubernetes import config as kube_config
@@ -13,10 +14,12 @@ from kubernetes.client.rest import ApiException
 
 from modeldeploy.api import GROUP, PLURAL, VERSION, ModelDeploymentSpec
 from modeldeploy.build.cache import build_cache_pvc
+from modeldeploy.build.monitoring import POD_MONITOR_API, build_pod_monitor
 from modeldeploy.build.common import LABEL_MDEP, LABEL_WEIGHTS, pull_job_name, weights_key
 from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
 from modeldeploy.build.serving import build_deployment, build_service, server_selector
 from modeldeploy.config import OperatorConfig
+from modeldeploy.reconcile import metrics
 from modeldeploy.reconcile.children import Apis, apply, create_if_absent, last_progress, pull_state, read_or_none
 from modeldeploy.reconcile.status import (AVAILABLE, CACHE_READY, READY, STALLED, WEIGHTS_READY, Observation,
                                           status_patch)
@@ -35,11 +38,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 8
+    # The operator's resources are known in advance: no watching of CRDs and namespaces (least-privilege RBAC).
+    settings.scanning.disabled = True
     try:
         kube_config.load_incluster_config()
     except kube_config.ConfigException:
         kube_config.load_kube_config()
     memo.apis = Apis.create()
+    memo.phases = metrics.PhaseBook()
     if not isinstance(getattr(memo, "config", None), OperatorConfig):
         memo.config = OperatorConfig()
 
@@ -112,7 +118,10 @@ def on_gone(type, body, namespace, name, memo, **_):
     """Deployment and Service go with the resource (ownerReferences). The cache stays. The shared pull Job goes
     when no other ModelDeployment in the namespace needs the same weights. Seen from the DELETED event: no
     finalizer, so deletion never waits for the operator."""
-    if type != "DELETED" or (spec := parse_or_none(body)) is None:
+    if type != "DELETED":
+        return
+    memo.phases.record(namespace, name, None)
+    if (spec := parse_or_none(body)) is None:
         return
     key = weights_key(spec, pull_endpoint(spec, memo.config))
     apis: Apis = memo.apis
@@ -169,10 +178,19 @@ def reconcile(body, memo) -> Observation:
     meta = body["metadata"]
     previous = list((body.get("status") or {}).get("conditions") or [])
     observation = Observation(generation=meta.get("generation", 1))
+    started, result = time.monotonic(), "error"
     try:
         observe(body, memo.apis, memo.config, observation)
+        status = write_status(memo.apis, body, observation, previous)
+        if status is not None:
+            memo.phases.record(meta["namespace"], meta["name"], status["phase"])
+            metrics.record_download(meta["namespace"], meta["name"], status.get("download"))
+        result = "ok"
     finally:
-        write_status(memo.apis, body, observation, previous)
+        if result == "error":   # what was observed before the failure still reaches the status
+            write_status(memo.apis, body, observation, previous)
+        metrics.RECONCILES.labels(result).inc()
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     return observation
 
 
@@ -248,7 +266,7 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     commit = state.result["commit"]
     o.fields.update(resolvedRevision=commit)
     o.fields["download"].update(bytes=state.result["bytes"], totalBytes=state.result["bytes"],
-                                files=state.result["files"])
+                                files=state.result["files"], bytesPerSecond=None, etaSeconds=None)  # None: removed
     o.weights = (True, "Pulled", state.message)
 
     # 3. serving
@@ -260,6 +278,15 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
           apis.apps.patch_namespaced_deployment, namespace, deployment)
     apply(apis.core.read_namespaced_service, apis.core.create_namespaced_service,
           apis.core.patch_namespaced_service, namespace, service)
+    if spec.monitoring.enabled and config.monitoring.pod_monitors == "auto" and pod_monitors_exist(
+            apis, config.monitoring.discovery_interval_seconds):
+        pod_monitor = build_pod_monitor(name)
+        kopf.adopt(pod_monitor, owner=dict(body))
+        group, version, plural = POD_MONITOR_API
+        apply(lambda n, ns: apis.custom.get_namespaced_custom_object(group, version, ns, plural, n),
+              lambda ns, b: apis.custom.create_namespaced_custom_object(group, version, ns, plural, b),
+              lambda n, ns, b: apis.custom.patch_namespaced_custom_object(group, version, ns, plural, n, b),
+              namespace, pod_monitor)
     live = apis.apps.read_namespaced_deployment(name, namespace)
     ready = live.status.ready_replicas or 0
     wanted = spec.replicas
@@ -273,6 +300,23 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     else:
         o.available = (False, "RollingOut" if not current else "ReplicasNotReady",
                        f"{ready}/{wanted} replicas ready" + pod_problem(apis, namespace, name))
+
+
+def pod_monitors_exist(apis: Apis, interval: float) -> bool:
+    """Whether the Prometheus Operator's PodMonitor kind is served (API discovery, looked up again after
+    `interval` seconds)."""
+    now = time.monotonic()
+    if apis.pod_monitors_checked is None or now - apis.pod_monitors_checked[0] > interval:
+        group, version, plural = POD_MONITOR_API
+        try:
+            resources = apis.custom.get_api_resources(group, version).resources
+            found = any(r.name == plural for r in resources)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            found = False
+        apis.pod_monitors_checked = (now, found)
+    return apis.pod_monitors_checked[1]
 
 
 def pod_problem(apis: Apis, namespace: str, name: str) -> str:
@@ -295,7 +339,7 @@ def latest_event(apis: Apis, namespace: str, kind: str, name: str) -> str | None
 PROGRESS_REASONS = {"Waiting", "Creating", "Pulling", "RollingOut", "ReplicasNotReady", "Ready", "Progressing"}
 
 
-def write_status(apis: Apis, body, observation: Observation, previous: list[dict]) -> None:
+def write_status(apis: Apis, body, observation: Observation, previous: list[dict]) -> dict | None:
     status, changed = status_patch(observation, previous)
     meta = body["metadata"]
     try:
@@ -303,14 +347,17 @@ def write_status(apis: Apis, body, observation: Observation, previous: list[dict
                                                           {"status": status})
     except ApiException as error:
         if error.status == 404:
-            return   # deleted meanwhile
+            return None   # deleted meanwhile
         raise
     # One Event per transition that a person wants to see: a step done, a failure, a stall.
     for condition, _old in changed:
         kind, ok, reason = condition["type"], condition["status"] == "True", condition["reason"]
         if kind == STALLED and ok:
             kopf.warn(dict(body), reason=reason, message=condition["message"])
+            if observation.weights is not None and not observation.weights[0]:
+                metrics.PULL_FAILURES.labels(reason).inc()
         elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE, READY) and ok:
             kopf.info(dict(body), reason=kind, message=condition["message"] or kind)
         elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE) and reason not in PROGRESS_REASONS:
             kopf.warn(dict(body), reason=reason, message=condition["message"])
+    return status
