@@ -62,12 +62,23 @@ for target in "${targets[@]}"; do
   esac
   # Bind-mounted wheels are invisible to the layer cache: their digests key the install layers (see Dockerfile).
   deps_digest=$(cd "$context/wheels" && ls | grep -v '^modeldeploy-' | sha256sum | cut -c1-16)
-  source_digest=$(sha256sum "$own" | cut -c1-16)
+  # (of the sources, not the wheel: a wheel's bytes change with every build)
+  source_digest=$(find operator -type f -not -path '*/__pycache__/*' -not -path '*.egg-info/*' | sort |
+    xargs cat pyproject.toml | sha256sum | cut -c1-16)
   log "building $image (target $target)"
   podman build --network=none -q --target "$target" --build-arg "BASE_IMAGE=$BASE" \
     --build-arg "TORCH_SPEC=$TORCH_SPEC" --build-arg "DEPS_DIGEST=$deps_digest" \
     --build-arg "SOURCE_DIGEST=$source_digest" -t "$image" "$context" >/dev/null
   podman image inspect "$image" --format "build-images: $image {{.Size}} bytes" >&2
-  [ "$load" = 0 ] || bash hack/cluster.sh load-image "$image"
+  if [ "$load" = 1 ]; then
+    # Loading takes ~20 s a GB: skip it when containerd already holds this very build.
+    id=$(podman image inspect --format '{{.Id}}' "$image")
+    marker=$CACHE/images/loaded-$(echo "$image" | tr '/:' '__')
+    if [ "$(cat "$marker" 2>/dev/null)" = "$id" ] && ctr -n k8s.io images ls -q 2>/dev/null | grep -qxF "$image"; then
+      log "$image already in the cluster"
+    else
+      bash hack/cluster.sh load-image "$image" && echo "$id" > "$marker"
+    fi
+  fi
 done
 podman image prune -f >/dev/null   # the previous builds' layers, now untagged

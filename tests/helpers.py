@@ -94,7 +94,7 @@ def operator_process(kubeconfig: str, namespace: str, workdir: Path, config_yaml
     log_path = workdir / "operator.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", "--namespace", namespace,
-                                    "--config", str(config), "--health-port", "0"],
+                                    "--config", str(config), "--health-port", "0", "--metrics-port", "0"],
                                    stdout=log, stderr=subprocess.STDOUT,
                                    env={"KUBECONFIG": kubeconfig, "PATH": "/usr/bin:/bin"})
         try:

@@ -135,3 +135,19 @@ def test_notes_tell_the_user_what_to_do_next(helm):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "kind: ModelDeployment" in done.stdout and "kubectl wait mdep/minilm --for=condition=Ready" in done.stdout
+
+
+def test_the_kustomize_base_is_the_chart_rendered_and_builds(helm):
+    base = REPO / "examples" / "kustomize" / "base"
+    rendered = subprocess.run([helm, "template", "modeldeploy", str(CHART), "--namespace", "modeldeploy-system",
+                               "--include-crds"], capture_output=True, text=True, check=True).stdout
+    committed = (base / "modeldeploy.yaml").read_text()
+    assert committed.split("\n", 1)[1] == rendered, "stale: run hack/render-kustomize.sh"
+    built = subprocess.run(["kubectl", "kustomize", str(base)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    assert {d["kind"] for d in docs} >= {"Namespace", "CustomResourceDefinition", "Deployment", "ClusterRole"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+        if doc["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == "modeldeploy-system"

@@ -1,0 +1,194 @@
+"""Reconcile benchmark on the local cluster (hack/cluster.sh): N ModelDeployments of N different models, through the
+operator, against the floor - creating the same child objects (the shared cache PVC and the N pull Jobs, the very
+bodies the builders make) directly through the API, one client, in the same run.
+
+The namespace carries a ResourceQuota of zero pods, so the Jobs exist but no pull pod runs: what is measured is the
+control plane's work, not N downloads on a 2-core machine.
+
+Prints: seconds until every ModelDeployment has its Job and a status (operator) and seconds to create the same
+objects directly (floor), their ratio, the API requests the operator made per reconcile and per ModelDeployment
+(from the API server's own request counter, minus this script's requests), and the operator's RSS.
+
+    .venv/bin/python bench/reconcile_bench.py [--count 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+from kubernetes import client, config
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from modeldeploy.build.cache import build_cache_pvc  # noqa: E402
+from modeldeploy.build.common import weights_key  # noqa: E402
+from modeldeploy.build.pull_job import build_pull_job, pull_endpoint  # noqa: E402
+from modeldeploy.config import OperatorConfig  # noqa: E402
+from modeldeploy.render import parse_spec  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
+METRICS_PORT = 18082
+
+
+class CountingApi:
+    """This script's own API requests, to subtract from the API server's total."""
+
+    def __init__(self, api_client: client.ApiClient):
+        self.requests = 0
+        original = api_client.call_api
+
+        def counted(*args, **kwargs):
+            self.requests += 1
+            return original(*args, **kwargs)
+
+        api_client.call_api = counted
+
+
+def apiserver_requests(kubeconfig: str) -> float:
+    """The API server's count of requests it served (one more for this read itself)."""
+    text = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "--raw", "/metrics"], capture_output=True,
+                          text=True, check=True).stdout
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == "apiserver_request_total")
+
+
+def scrape(url: str) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
+            values[key] = s.value
+    return values
+
+
+def mdep_body(i: int) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelDeployment", "metadata": {"name": f"m{i:04d}"},
+            "spec": {"model": {"id": f"bench/model-{i:04d}"}, "task": "feature-extraction", "replicas": 1}}
+
+
+def fresh_namespace(core: client.CoreV1Api, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name}})
+    core.create_namespaced_resource_quota(name, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}})
+    deadline = time.monotonic() + 60
+    while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"namespace {name} got no default ServiceAccount")
+        time.sleep(0.2)
+    return name
+
+
+def floor(api: client.ApiClient, count: int, operator_config: OperatorConfig) -> float:
+    """The same PVC and Jobs the operator would make, created directly, one after the other."""
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    namespace = fresh_namespace(core, "bench-floor")
+    started = time.perf_counter()
+    for i in range(count):
+        spec = parse_spec(mdep_body(i))
+        if i == 0:
+            core.create_namespaced_persistent_volume_claim(namespace, build_cache_pvc(spec, operator_config))
+        batch.create_namespaced_job(namespace, build_pull_job(spec, operator_config,
+                                                              weights_key(spec, pull_endpoint(spec, operator_config))))
+    elapsed = time.perf_counter() - started
+    core.delete_namespace(namespace)
+    return elapsed
+
+
+def through_operator(api: client.ApiClient, counting: CountingApi, kubeconfig: str, count: int,
+                     workdir: Path) -> dict:
+    core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
+    namespace = fresh_namespace(core, "bench-operator")
+    config_file = workdir / "operator.yaml"
+    config_file.write_text("registry: localhost\nimagePullPolicy: Never\n")
+    log = open(workdir / "operator.log", "w")
+    operator = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", "--namespace", namespace,
+                                 "--config", str(config_file), "--health-port", "0",
+                                 "--metrics-port", str(METRICS_PORT)],
+                                stdout=log, stderr=subprocess.STDOUT, env={"KUBECONFIG": kubeconfig,
+                                                                           "PATH": "/usr/bin:/bin"})
+    metrics_url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    try:
+        deadline = time.monotonic() + 60
+        while True:   # the operator is up once its metrics answer and its watches have started
+            try:
+                scrape(metrics_url)
+                break
+            except OSError:
+                if time.monotonic() > deadline or operator.poll() is not None:
+                    raise SystemExit(f"the operator did not start: {(workdir / 'operator.log').read_text()[-3000:]}")
+                time.sleep(0.2)
+        time.sleep(2)
+        own_before, server_before = counting.requests, apiserver_requests(kubeconfig)
+        started = time.perf_counter()
+        for i in range(count):
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep_body(i))
+        created = time.perf_counter() - started
+        while True:
+            jobs = len(batch.list_namespaced_job(namespace).items)
+            items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+            done = sum(1 for m in items if (m.get("status") or {}).get("phase") == "Pulling"
+                       and (m["status"].get("download") or {}).get("job"))
+            if jobs == count and done == count:
+                break
+            if time.monotonic() - started > 900:
+                raise SystemExit(f"timed out: {jobs} jobs, {done} statuses of {count}")
+            time.sleep(0.5)
+        elapsed = time.perf_counter() - started
+        operator_requests = apiserver_requests(kubeconfig) - server_before - (counting.requests - own_before) - 1
+        values = scrape(metrics_url)
+        reconciles = sum(v for k, v in values.items() if k.startswith("modeldeploy_operator_reconciles_total"))
+        rss = values.get("process_resident_memory_bytes", 0)
+        return {"seconds": elapsed, "create_seconds": created, "requests": operator_requests,
+                "reconciles": reconciles, "rss": rss, "namespace": namespace}
+    finally:
+        operator.terminate()
+        operator.wait(30)
+        log.close()
+        core.delete_namespace(namespace)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200)
+    args = parser.parse_args()
+    kubeconfig = subprocess.run(["bash", str(REPO / "hack" / "cluster.sh"), "start"], capture_output=True,
+                                text=True, check=True).stdout.strip().splitlines()[-1]
+    api = config.new_client_from_config(config_file=kubeconfig)
+    counting = CountingApi(api)
+    crd = yaml.safe_load((REPO / "crds" / "modeldeploy.io_modeldeployments.yaml").read_text())
+    extensions = client.ApiextensionsV1Api(api)
+    try:
+        extensions.create_custom_resource_definition(crd)
+    except client.ApiException as error:
+        if error.status != 409:
+            raise
+    operator_config = OperatorConfig(registry="localhost", image_pull_policy="Never")
+
+    with tempfile.TemporaryDirectory() as workdir:
+        floor_seconds = floor(api, args.count, operator_config)
+        result = through_operator(api, counting, kubeconfig, args.count, Path(workdir))
+    n = args.count
+    print(f"ModelDeployments: {n} (different models: {n} pull Jobs, one shared cache PVC; pods held back by a quota)")
+    print(f"floor, the same {n + 1} objects created directly:   {floor_seconds:7.2f} s")
+    print(f"through the operator, until every Job and status: {result['seconds']:7.2f} s "
+          f"(of which {result['create_seconds']:.2f} s creating the ModelDeployments)")
+    print(f"ratio operator/floor: {result['seconds'] / floor_seconds:.2f}x")
+    print(f"operator API requests: {result['requests']:.0f} in all; {result['requests'] / n:.1f} per ModelDeployment; "
+          f"{result['requests'] / max(result['reconciles'], 1):.1f} per reconcile ({result['reconciles']:.0f} "
+          f"reconciles)")
+    print(f"operator RSS: {result['rss'] / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
