@@ -2,7 +2,8 @@
 hack/build-images.sh): the pull Job fills the shared cache from a Hub-compatible server on the host, the status
 takes the resolved commit, the serving pods (runtime + monitoring sidecar) go Ready and `kubectl wait` returns;
 `kubectl scale` goes through the scale subresource to the Deployment only; a revision change pulls again and rolls
-the pods onto the new commit; a PodMonitor appears once the Prometheus Operator's CRD exists, and not before.
+the pods onto the new commit; the cache PVC is sized from the hub's file list; a PodMonitor appears once the
+Prometheus Operator's CRD exists, and not before.
 (The operator runs on the host here; tests/cluster/test_e2e.py runs it in the cluster from the Helm chart.)"""
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def test_a_model_deployment_from_pull_to_ready_scaled_and_moved_to_a_new_revisio
     assert status["readyReplicas"] == 1 and status["observedGeneration"] == 1
     assert status["download"]["bytes"] == sum(f.size for f in first.files.values()) == hub.total_bytes_sent
     assert "etaSeconds" not in status["download"]          # only while pulling
+    # The cache PVC was sized from the file sizes the hub lists (91 MB + 25% headroom, at least 1Gi).
+    claim = core.read_namespaced_persistent_volume_claim("model-cache", namespace)
+    assert claim.spec.resources.requests["storage"] == "1Gi"
     deployment = apps.read_namespaced_deployment("minilm", namespace)
     server, monitor = deployment.spec.template.spec.containers
     assert server.args[server.args.index("--revision") + 1] == first.commit     # pinned to the resolved commit

@@ -5,6 +5,7 @@ of its children does (a pull Job finishing, a Deployment's pods turning ready), 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 
@@ -19,6 +20,7 @@ from modeldeploy.build.common import LABEL_MDEP, LABEL_WEIGHTS, pull_job_name, w
 from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
 from modeldeploy.build.serving import build_deployment, build_service, server_selector
 from modeldeploy.config import OperatorConfig
+from modeldeploy.pull.sizing import claim_size, listed_bytes
 from modeldeploy.reconcile import metrics
 from modeldeploy.reconcile.children import Apis, apply, create_if_absent, last_progress, pull_state, read_or_none
 from modeldeploy.reconcile.status import (AVAILABLE, CACHE_READY, READY, STALLED, WEIGHTS_READY, Observation,
@@ -214,9 +216,10 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     # 1. the shared cache
     claim = read_or_none(apis.core.read_namespaced_persistent_volume_claim, spec.cache.claim_name, namespace)
     if claim is None:
+        size, why = estimated_cache_size(spec, config, apis, namespace)
         create_if_absent(apis.core.create_namespaced_persistent_volume_claim, namespace,
-                         build_cache_pvc(spec, config))
-        o.cache = (False, "Creating", f"creating PVC {spec.cache.claim_name}")
+                         build_cache_pvc(spec, config, size))
+        o.cache = (False, "Creating", f"creating PVC {spec.cache.claim_name}{why}")
         o.retry = o.cache[2]
         return
     o.fields["cache"] = {"claimName": spec.cache.claim_name,
@@ -300,6 +303,29 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     else:
         o.available = (False, "RollingOut" if not current else "ReplicasNotReady",
                        f"{ready}/{wanted} replicas ready" + pod_problem(apis, namespace, name))
+
+
+def estimated_cache_size(spec, config: OperatorConfig, apis: Apis, namespace: str) -> tuple[str | None, str]:
+    """For a PVC the user did not size: the selected files' sizes as the hub lists them, with headroom. When the
+    hub cannot be asked (unreachable from the operator, token missing), the configured default size."""
+    if spec.cache.size:
+        return None, ""
+    token = None
+    ref = spec.model.token_secret_ref
+    try:
+        if ref is not None:
+            secret = read_or_none(apis.core.read_namespaced_secret, ref.name, namespace)
+            if secret is None or ref.key not in (secret.data or {}):
+                raise LookupError(f"Secret {ref.name} with key {ref.key} not found")
+            token = base64.b64decode(secret.data[ref.key]).decode().strip()
+        nbytes = listed_bytes(spec.model.source, pull_endpoint(spec, config), spec.model.id, spec.model.revision,
+                              spec.model.files, spec.model.allow_pickle, token)
+    except Exception as error:   # sizing is a courtesy: the pull itself reports what is really wrong
+        log.info("sizing the cache for %s from the hub failed (%s: %s): default size %s", spec.model.id,
+                 type(error).__name__, str(error)[:200], config.cache.size)
+        return None, f" ({config.cache.size}, the default: the hub did not list the files' sizes)"
+    size = claim_size(nbytes)
+    return size, f" ({size}: the hub lists {nbytes / 2**20:.0f} MiB for the selected files)"
 
 
 def pod_monitors_exist(apis: Apis, interval: float) -> bool:
