@@ -139,3 +139,33 @@ def test_a_model_deployment_from_pull_to_ready_scaled_and_moved_to_a_new_revisio
     assert pod_monitor["metadata"]["ownerReferences"][0]["name"] == "minilm"
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert pod_monitor["spec"]["selector"]["matchLabels"]["modeldeploy.io/model-deployment"] == "minilm"
+
+
+def test_bad_inputs_that_only_the_hub_can_reveal(api_client, namespace, operator, hub):
+    """Bad inputs tried: a model the hub does not have; a gated model without a token; a cache PVC smaller than the
+    files the hub lists. Each ends Stalled with its own reason and a Warning Event; the small cache starts no Job."""
+    custom, batch, core = (client.CustomObjectsApi(api_client), client.BatchV1Api(api_client),
+                           client.CoreV1Api(api_client))
+    gated = hub.add_repo(Repo.from_files("org/gated", {"config.json": RepoFile("config.json", b"{}")},
+                                         token="hf_needed", gated=True))
+    cases = {
+        "missing": ({"id": "org/missing", "endpoint": hub.url}, {}, "NotFound"),
+        "gated": ({"id": gated.repo_id, "endpoint": hub.url}, {}, "Unauthorized"),
+        "small-cache": ({"id": MINILM, "endpoint": hub.url}, {"claimName": "tiny", "size": "10Mi"}, "NoSpace"),
+    }
+    for name, (model, cache, _) in cases.items():
+        spec = {"model": model, **({"cache": cache} if cache else {})}
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(name, **spec))
+    for name, (_, _, reason) in cases.items():
+        stalled = wait_for(lambda: condition(custom, namespace, name, "Stalled").get("status") == "True" and
+                           condition(custom, namespace, name, "Stalled"), 180, f"{name} to stall",
+                           detail=lambda: custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                                              name).get("status"))
+        assert stalled["reason"] == reason, stalled
+        assert condition(custom, namespace, name, "Ready")["status"] == "False"
+        wait_for(lambda: any(e.type == "Warning" and e.reason == reason for e in core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={name}").items), 30, f"a Warning Event for {name}")
+    small = condition(custom, namespace, "small-cache", "Stalled")["message"]
+    assert "holds 10Mi but the hub lists 87 MiB" in small
+    jobs = {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
+    assert len(jobs) == 2 and not any("minilm" in j for j in jobs)   # the small cache started no pull

@@ -12,6 +12,7 @@ import time
 import kopf
 from kubernetes import config as kube_config
 from kubernetes.client.rest import ApiException
+from kubernetes.utils import parse_quantity
 
 from modeldeploy.api import GROUP, PLURAL, VERSION, ModelDeploymentSpec
 from modeldeploy.build.cache import build_cache_pvc
@@ -246,6 +247,10 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     o.fields.update(weightsKey=key)
     job = read_or_none(apis.batch.read_namespaced_job, job_name, namespace)
     if job is None:
+        if too_small := cache_too_small(spec, config, apis, namespace, o.fields["cache"]["capacity"]):
+            o.weights = (False, "NoSpace", too_small)
+            o.stalled = ("NoSpace", too_small)
+            return
         if create_if_absent(apis.batch.create_namespaced_job, namespace, build_pull_job(spec, config, key)):
             kopf.info(body, reason="PullStarted", message=f"pull job {job_name} created for {spec.model.id}"
                                                           f"@{spec.model.revision}")
@@ -305,11 +310,22 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
                        f"{ready}/{wanted} replicas ready" + pod_problem(apis, namespace, name))
 
 
-def estimated_cache_size(spec, config: OperatorConfig, apis: Apis, namespace: str) -> tuple[str | None, str]:
-    """For a PVC the user did not size: the selected files' sizes as the hub lists them, with headroom. When the
-    hub cannot be asked (unreachable from the operator, token missing), the configured default size."""
-    if spec.cache.size:
-        return None, ""
+def cache_too_small(spec, config: OperatorConfig, apis: Apis, namespace: str, capacity: str | None) -> str | None:
+    """Before a pull: a message when the hub lists more bytes for the selected files than the cache PVC holds in
+    all (what other models already use there is the puller's own check, on the mounted volume)."""
+    if not capacity:
+        return None
+    needed = hub_listed_bytes(spec, config, apis, namespace)
+    holds = int(parse_quantity(capacity))
+    if needed is None or needed <= holds:
+        return None
+    return (f"the cache PVC {spec.cache.claim_name} holds {capacity} but the hub lists {needed / 2**20:.0f} MiB for "
+            f"{spec.model.id}'s selected files: use a larger cache (spec.cache) or fewer files (spec.model.files)")
+
+
+def hub_listed_bytes(spec, config: OperatorConfig, apis: Apis, namespace: str) -> int | None:
+    """The selected files' sizes as the hub lists them; None when the hub cannot be asked from here (unreachable
+    from the operator, token missing): the pull itself then reports what is wrong."""
     token = None
     ref = spec.model.token_secret_ref
     try:
@@ -318,11 +334,21 @@ def estimated_cache_size(spec, config: OperatorConfig, apis: Apis, namespace: st
             if secret is None or ref.key not in (secret.data or {}):
                 raise LookupError(f"Secret {ref.name} with key {ref.key} not found")
             token = base64.b64decode(secret.data[ref.key]).decode().strip()
-        nbytes = listed_bytes(spec.model.source, pull_endpoint(spec, config), spec.model.id, spec.model.revision,
-                              spec.model.files, spec.model.allow_pickle, token)
-    except Exception as error:   # sizing is a courtesy: the pull itself reports what is really wrong
-        log.info("sizing the cache for %s from the hub failed (%s: %s): default size %s", spec.model.id,
-                 type(error).__name__, str(error)[:200], config.cache.size)
+        return listed_bytes(spec.model.source, pull_endpoint(spec, config), spec.model.id, spec.model.revision,
+                            spec.model.files, spec.model.allow_pickle, token)
+    except Exception as error:   # sizing is a courtesy
+        log.info("listing %s's file sizes on the hub failed (%s: %s)", spec.model.id, type(error).__name__,
+                 str(error)[:200])
+        return None
+
+
+def estimated_cache_size(spec, config: OperatorConfig, apis: Apis, namespace: str) -> tuple[str | None, str]:
+    """For a PVC the user did not size: the selected files' sizes as the hub lists them, with headroom. When the
+    hub cannot be asked (unreachable from the operator, token missing), the configured default size."""
+    if spec.cache.size:
+        return None, ""
+    nbytes = hub_listed_bytes(spec, config, apis, namespace)
+    if nbytes is None:
         return None, f" ({config.cache.size}, the default: the hub did not list the files' sizes)"
     size = claim_size(nbytes)
     return size, f" ({size}: the hub lists {nbytes / 2**20:.0f} MiB for the selected files)"
