@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned to the CPU wheel that lies on this machine's disk; a bare `torch` would pull CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: deps venv kube-binaries cluster-up cluster-down cluster-status test unit demo clean
+.PHONY: deps venv kube-binaries cluster-up cluster-down cluster-status images kustomize test unit demo clean
 
 deps:
 	bash hack/install-deps.sh
@@ -35,6 +35,12 @@ cluster-down:
 
 cluster-status:
 	bash hack/cluster.sh status
+
+images: venv cluster-up
+	bash hack/build-images.sh
+
+kustomize:
+	bash hack/render-kustomize.sh
 
 unit: venv
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
