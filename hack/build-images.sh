@@ -74,7 +74,7 @@ for target in "${targets[@]}"; do
     # Loading takes ~20 s a GB: skip it when containerd already holds this very build.
     id=$(podman image inspect --format '{{.Id}}' "$image")
     marker=$CACHE/images/loaded-$(echo "$image" | tr '/:' '__')
-    if [ "$(cat "$marker" 2>/dev/null)" = "$id" ] && ctr -n k8s.io images ls -q 2>/dev/null | grep -qxF "$image"; then
+    if [ "$(cat "$marker" 2>/dev/null)" = "$id" ] && ctr -n k8s.io images ls -q 2>/dev/null | grep -xF "$image" >/dev/null; then
       log "$image already in the cluster"
     else
       bash hack/cluster.sh load-image "$image" && echo "$id" > "$marker"

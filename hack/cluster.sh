@@ -129,7 +129,8 @@ setup_network() {
   if ! ip link show cni0 >/dev/null 2>&1; then
     ip link add cni0 type bridge
   fi
-  ip addr show dev cni0 | grep -q "inet $NODE_IP/" || ip addr add "$NODE_IP/24" dev cni0
+  # "replace" is idempotent; "show | grep -q || add" raced under pipefail (grep -q exits early, ip gets SIGPIPE).
+  ip addr replace "$NODE_IP/24" dev cni0
   ip link set cni0 up
   sysctl -qw net.ipv4.ip_forward=1
   # Pod -> Service -> pod on the same bridge needs bridged traffic to pass iptables (kube-proxy's DNAT).
@@ -190,7 +191,7 @@ start_containerd() {
   fi
   launch containerd containerd --config "$cfg"
   wait_for 60 containerd ctr version
-  if ! ctr -n k8s.io images ls -q | grep -qx "$PAUSE_IMAGE"; then
+  if ! ctr -n k8s.io images ls -q | grep -x "$PAUSE_IMAGE" >/dev/null; then
     log "building $PAUSE_IMAGE"
     local dir
     dir=$(mktemp -d)
@@ -327,7 +328,7 @@ load_image() {
   ctr -n k8s.io images import --base-name "${image%:*}" --digests --all-platforms "$archive" >/dev/null
   local digest_ref
   digest_ref=$(ctr -n k8s.io images ls -q | grep -F "${image%:*}@sha256:" | head -n1 || true)
-  if ! ctr -n k8s.io images ls -q | grep -qxF "$image"; then
+  if ! ctr -n k8s.io images ls -q | grep -xF "$image" >/dev/null; then
     [ -n "$digest_ref" ] || { rm -f "$archive"; die "import of $image into containerd failed"; }
     ctr -n k8s.io images tag --force "$digest_ref" "$image" >/dev/null
   fi

@@ -8,7 +8,7 @@ packages=(etcd-server golang-go rsync jq containerd runc containernetworking-plu
 
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")
 done
 
 # kube binaries are built from Debian's `kubernetes` source package, so the source lists must be enabled.

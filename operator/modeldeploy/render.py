@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from modeldeploy.api import KIND, ModelDeploymentSpec
 from modeldeploy.build.cache import build_cache_pvc
-from modeldeploy.build.monitoring import build_pod_monitor
 from modeldeploy.build.common import weights_key
+from modeldeploy.build.monitoring import build_pod_monitor
 from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
 from modeldeploy.build.serving import build_deployment, build_service
 from modeldeploy.config import OperatorConfig, load_config

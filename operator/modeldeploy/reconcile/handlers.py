@@ -10,14 +10,13 @@ import logging
 import time
 
 import kopf
-from kubernetes import config as kube_config
 from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
 from modeldeploy.api import GROUP, PLURAL, VERSION, ModelDeploymentSpec
 from modeldeploy.build.cache import build_cache_pvc
-from modeldeploy.build.monitoring import POD_MONITOR_API, build_pod_monitor
 from modeldeploy.build.common import LABEL_MDEP, LABEL_WEIGHTS, pull_job_name, weights_key
+from modeldeploy.build.monitoring import POD_MONITOR_API, build_pod_monitor
 from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
 from modeldeploy.build.serving import build_deployment, build_service, server_selector
 from modeldeploy.config import OperatorConfig
@@ -43,10 +42,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.execution.max_workers = 8
     # The operator's resources are known in advance: no watching of CRDs and namespaces (least-privilege RBAC).
     settings.scanning.disabled = True
-    try:
-        kube_config.load_incluster_config()
-    except kube_config.ConfigException:
-        kube_config.load_kube_config()
     memo.apis = Apis.create()
     memo.phases = metrics.PhaseBook()
     if not isinstance(getattr(memo, "config", None), OperatorConfig):
@@ -234,20 +229,18 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     o.cache = (True, "Bound", f"PVC {spec.cache.claim_name} is bound ({o.fields['cache']['capacity']})")
 
     # 2. the weights
-    ref = spec.model.token_secret_ref
-    if ref is not None:
-        secret = read_or_none(apis.core.read_namespaced_secret, ref.name, namespace)
-        if secret is None or ref.key not in (secret.data or {}):
-            problem = f"Secret {ref.name} not found" if secret is None else f"Secret {ref.name} has no key {ref.key}"
-            o.weights = (False, "SecretNotFound", f"{problem}; the pull waits for it")
-            o.retry = problem
-            return
+    try:
+        token = token_from_secret(apis, namespace, spec.model.token_secret_ref)
+    except LookupError as error:
+        o.weights = (False, "SecretNotFound", f"{error}; the pull waits for it")
+        o.retry = str(error)
+        return
     key = weights_key(spec, pull_endpoint(spec, config))
     job_name = pull_job_name(spec, key)
     o.fields.update(weightsKey=key)
     job = read_or_none(apis.batch.read_namespaced_job, job_name, namespace)
     if job is None:
-        if too_small := cache_too_small(spec, config, apis, namespace, o.fields["cache"]["capacity"]):
+        if too_small := cache_too_small(spec, config, token, o.fields["cache"]["capacity"]):
             o.weights = (False, "NoSpace", too_small)
             o.stalled = ("NoSpace", too_small)
             return
@@ -310,12 +303,12 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
                        f"{ready}/{wanted} replicas ready" + pod_problem(apis, namespace, name))
 
 
-def cache_too_small(spec, config: OperatorConfig, apis: Apis, namespace: str, capacity: str | None) -> str | None:
+def cache_too_small(spec, config: OperatorConfig, token: str | None, capacity: str | None) -> str | None:
     """Before a pull: a message when the hub lists more bytes for the selected files than the cache PVC holds in
     all (what other models already use there is the puller's own check, on the mounted volume)."""
     if not capacity:
         return None
-    needed = hub_listed_bytes(spec, config, apis, namespace)
+    needed = hub_listed_bytes(spec, config, token)
     holds = int(parse_quantity(capacity))
     if needed is None or needed <= holds:
         return None
@@ -323,17 +316,22 @@ def cache_too_small(spec, config: OperatorConfig, apis: Apis, namespace: str, ca
             f"{spec.model.id}'s selected files: use a larger cache (spec.cache) or fewer files (spec.model.files)")
 
 
-def hub_listed_bytes(spec, config: OperatorConfig, apis: Apis, namespace: str) -> int | None:
+def token_from_secret(apis: Apis, namespace: str, ref) -> str | None:
+    """The hub token a tokenSecretRef names (None without a ref); LookupError saying what is missing."""
+    if ref is None:
+        return None
+    secret = read_or_none(apis.core.read_namespaced_secret, ref.name, namespace)
+    if secret is None:
+        raise LookupError(f"Secret {ref.name} not found")
+    if ref.key not in (secret.data or {}):
+        raise LookupError(f"Secret {ref.name} has no key {ref.key}")
+    return base64.b64decode(secret.data[ref.key]).decode().strip()
+
+
+def hub_listed_bytes(spec, config: OperatorConfig, token: str | None) -> int | None:
     """The selected files' sizes as the hub lists them; None when the hub cannot be asked from here (unreachable
-    from the operator, token missing): the pull itself then reports what is wrong."""
-    token = None
-    ref = spec.model.token_secret_ref
+    from the operator, wrong token): the pull itself then reports what is wrong."""
     try:
-        if ref is not None:
-            secret = read_or_none(apis.core.read_namespaced_secret, ref.name, namespace)
-            if secret is None or ref.key not in (secret.data or {}):
-                raise LookupError(f"Secret {ref.name} with key {ref.key} not found")
-            token = base64.b64decode(secret.data[ref.key]).decode().strip()
         return listed_bytes(spec.model.source, pull_endpoint(spec, config), spec.model.id, spec.model.revision,
                             spec.model.files, spec.model.allow_pickle, token)
     except Exception as error:   # sizing is a courtesy
@@ -347,7 +345,10 @@ def estimated_cache_size(spec, config: OperatorConfig, apis: Apis, namespace: st
     hub cannot be asked (unreachable from the operator, token missing), the configured default size."""
     if spec.cache.size:
         return None, ""
-    nbytes = hub_listed_bytes(spec, config, apis, namespace)
+    try:
+        nbytes = hub_listed_bytes(spec, config, token_from_secret(apis, namespace, spec.model.token_secret_ref))
+    except LookupError:   # the token Secret is missing: the weights step says so
+        nbytes = None
     if nbytes is None:
         return None, f" ({config.cache.size}, the default: the hub did not list the files' sizes)"
     size = claim_size(nbytes)

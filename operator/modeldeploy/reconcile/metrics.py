@@ -48,4 +48,3 @@ def record_download(namespace: str, name: str, download: dict | None) -> None:
     total = download.get("totalBytes")
     if total is not None:
         PULL_TOTAL_BYTES.labels(namespace, name).set(total)
-
