@@ -85,23 +85,77 @@ def test_batcher_bounds_its_queue_and_batches_by_group():
     assert big == [i * 10 for i in range(9)]
 
 
-def test_int8_dynamic_linear_is_close_and_keeps_heads_in_full_precision():
+def _outliers(tokens: bool, channels: bool):
     import torch
 
-    from modeldeploy.serve.quantize import Int8DynamicLinear, quantize_int8_dynamic
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 64)
+    if tokens:
+        x[0, 0] *= 40
+        x[2, 3] *= 40
+    if channels:
+        x[..., 7] *= 15
+    return x
+
+
+def test_int8_layers_each_tame_the_outliers_they_are_for():
+    import torch
+
+    from modeldeploy.serve import quantize
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
-    x = torch.randn(3, 5, 64)
-    quantized = Int8DynamicLinear(linear)
-    assert quantized.weight_int8.dtype == torch.int8
-    reference, approximation = linear(x), quantized(x)
-    assert approximation.shape == reference.shape
-    cosine = torch.nn.functional.cosine_similarity(reference.flatten(), approximation.flatten(), dim=0)
-    assert cosine > 0.999 and not torch.equal(reference, approximation)
 
-    model = torch.nn.Module()
-    model.body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
-    model.lm_head = torch.nn.Linear(8, 4)
-    assert quantize_int8_dynamic(model) == 2
-    assert isinstance(model.body[0], Int8DynamicLinear) and isinstance(model.lm_head, torch.nn.Linear)
+    def error(layer, x):
+        with torch.no_grad():
+            out = layer(x)
+            assert out.shape == (4, 8, 32) and out.dtype == torch.float32
+            return quantize._relative_error(out, linear(x))
+
+    def one_scale_per_tensor(x):     # fbgemm's dynamic linear with nothing done about outliers
+        return torch.ops.quantized.linear_dynamic(x, quantize._pack(linear.weight.detach(), linear.bias.detach()),
+                                                  quantize.REDUCE_RANGE)
+
+    def peaks(x):
+        return x.reshape(-1, 64).abs().amax(dim=0)
+
+    tokens, channels, both = _outliers(True, False), _outliers(False, True), _outliers(True, True)
+    assert error(quantize.TokenSplitInt8Linear(linear), tokens) < 0.6 * error(one_scale_per_tensor, tokens)
+    assert error(quantize.SmoothedInt8Linear(linear, peaks(channels)), channels) < \
+        0.5 * error(one_scale_per_tensor, channels)
+    for layer in (quantize.PerTokenInt8Linear(linear), quantize.SmoothedInt8Linear(linear, peaks(both)),
+                  quantize.TokenSplitInt8Linear(linear)):
+        assert 0 < error(layer, both) < 0.04, type(layer).__name__
+
+
+def test_int8_dynamic_calibrates_the_body_and_keeps_heads_in_full_precision(tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from modeldeploy.serve import quantize
+    from tests.models import build_classifier
+
+    build_classifier(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    batch = tokenizer(["a short text", "and a somewhat longer one, with punctuation!"], padding=True,
+                      return_tensors="pt")
+
+    def fresh():
+        return BertForSequenceClassification.from_pretrained(tmp_path).eval()
+
+    with torch.no_grad():
+        reference = fresh()(**batch).logits
+        model = fresh()
+        counts = quantize.quantize_int8_dynamic(model, tokenizer)
+        assert sum(counts.values()) == 12                          # 2 layers x (q, k, v, attention out, MLP in, out)
+        assert set(counts) <= {"SmoothedInt8Linear", "TokenSplitInt8Linear"}
+        assert isinstance(model.classifier, torch.nn.Linear) and isinstance(model.bert.pooler.dense, torch.nn.Linear)
+        assert not any(type(m) is torch.nn.Linear for m in model.bert.encoder.modules())
+        logits = model(**batch).logits
+        assert torch.nn.functional.cosine_similarity(logits, reference).min() > 0.99
+        assert not torch.equal(logits, reference)
+
+        monkeypatch.setattr(quantize, "fbgemm_available", lambda: False)     # loong64 and arm64 builds of torch
+        model = fresh()
+        assert quantize.quantize_int8_dynamic(model, tokenizer) == {"PerTokenInt8Linear": 12}
+        assert torch.nn.functional.cosine_similarity(model(**batch).logits, reference).min() > 0.99

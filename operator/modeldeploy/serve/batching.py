@@ -21,6 +21,13 @@ class QueueFull(Exception):
     pass
 
 
+def new_model_thread() -> ThreadPoolExecutor:
+    """The one thread that makes every torch call of a server: loading, calibration, warm-up and passes. OpenMP keeps
+    a team of worker threads per calling thread, so torch calls from a second thread (say, loading in the default
+    executor) would leave two teams competing for the same cores."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+
 @dataclass
 class _Request:
     items: list[Any]
@@ -38,10 +45,12 @@ class BatchStats:
 
 class DynamicBatcher:
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch_size: int, max_delay: float,
-                 max_queue: int, on_batch: Callable[[BatchStats], None] | None = None, gather_factor: int = 1):
+                 max_queue: int, on_batch: Callable[[BatchStats], None] | None = None, gather_factor: int = 1,
+                 model_thread: ThreadPoolExecutor | None = None):
         """`run_batch(items) -> results` runs on the model thread, one result per item, in order. With a
         `gather_factor` above 1, up to that many batches' worth of queued items are handed over at once, for an
-        engine that regroups them (by length) into passes of at most `max_batch_size`."""
+        engine that regroups them (by length) into passes of at most `max_batch_size`. `model_thread`: the
+        single-thread executor that already holds the model (see `new_model_thread()`), else a new one."""
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.gather_limit = max_batch_size * gather_factor
@@ -50,7 +59,7 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self.pending: collections.deque[_Request] = collections.deque()
         self.queued_items = 0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.executor = model_thread or new_model_thread()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 

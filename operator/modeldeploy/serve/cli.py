@@ -54,6 +54,7 @@ async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from modeldeploy.serve.app import ServerState, build_app
+    from modeldeploy.serve.batching import new_model_thread
     from modeldeploy.serve.engine import ENGINES, BatchingOptions
     from modeldeploy.serve.loading import LoadOptions, load
     from modeldeploy.serve.metrics import RuntimeMetrics
@@ -74,11 +75,12 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
-        loaded = await asyncio.get_running_loop().run_in_executor(None, load, LoadOptions(
+        model_thread = new_model_thread()
+        loaded = await asyncio.get_running_loop().run_in_executor(model_thread, load, LoadOptions(
             model_id=args.model, revision=args.revision, cache_dir=args.cache_dir, task=args.task, device=device,
             quantization=quantization, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle))
         engine = ENGINES[args.task](loaded, name, BatchingOptions(args.max_batch_size, args.max_delay_ms,
-                                                                   args.max_queue), state.metrics)
+                                                                   args.max_queue), state.metrics, model_thread)
         engine.batcher.start()
         await engine.batcher.run_alone(engine.warm_up)
         state.engine = engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from modeldeploy.serve.batching import BatchStats, DynamicBatcher
@@ -35,13 +36,14 @@ class BatchingOptions:
 class Engine:
     gather_factor = 1   # encoder engines regroup a wider gather by length (forward_groups)
 
-    def __init__(self, loaded: LoadedModel, name: str, batching: BatchingOptions, metrics: RuntimeMetrics):
+    def __init__(self, loaded: LoadedModel, name: str, batching: BatchingOptions, metrics: RuntimeMetrics,
+                 model_thread: ThreadPoolExecutor | None = None):
         self.loaded = loaded
         self.name = name
         self.metrics = metrics
         self.batcher = DynamicBatcher(self.run_batch, batching.max_batch_size, batching.max_delay_ms / 1000,
                                       batching.max_queue, on_batch=self._observe_batch,
-                                      gather_factor=self.gather_factor)
+                                      gather_factor=self.gather_factor, model_thread=model_thread)
 
     @property
     def tokenizer(self):

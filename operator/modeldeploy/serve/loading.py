@@ -113,12 +113,15 @@ def load(options: LoadOptions) -> LoadedModel:
     except ValueError as error:   # e.g. remote code needed but not allowed, or an unknown architecture
         raise StartupError(f"cannot load {options.model_id}@{commit} for {options.task}: {error}") from None
     model.eval()
+    if options.task == "text-generation":
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
 
     if options.quantization == "int8-dynamic":
         from modeldeploy.serve.quantize import quantize_int8_dynamic   # imports torch: only where it is used
 
-        replaced = quantize_int8_dynamic(model)
-        log.info("int8-dynamic: %d linear layers quantized", replaced)
+        log.info("int8-dynamic: linear layers quantized as %s", quantize_int8_dynamic(model, tokenizer))
     model.to(options.device)
 
     loaded = LoadedModel(model=model, tokenizer=tokenizer, task=options.task, device=options.device,
@@ -131,10 +134,6 @@ def load(options: LoadOptions) -> LoadedModel:
         loaded.max_length = st_max or loaded.max_length
     if options.task == "text-classification":
         loaded.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if options.task == "text-generation":
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
     loaded.load_seconds = time.monotonic() - started
     log.info("loaded %s@%s for %s on %s (%s) in %.1fs", options.model_id, commit[:12], options.task,
              options.device, options.quantization, loaded.load_seconds)
