@@ -3,7 +3,9 @@ operator, against the floor - creating the same child objects (the shared cache 
 bodies the builders make) directly through the API, one client, in the same run.
 
 The namespace carries a ResourceQuota of zero pods, so the Jobs exist but no pull pod runs: what is measured is the
-control plane's work, not N downloads on a 2-core machine.
+control plane's work, not N downloads on a 2-core machine. The N models are served by a local hub server (the
+operator's configured Hugging Face endpoint), which the operator asks for each model's file sizes, as it would ask
+a reachable hub.
 
 Prints: seconds until every ModelDeployment has its Job and a status (operator) and seconds to create the same
 objects directly (floor), their ratio, the API requests the operator made per reconcile and per ModelDeployment
@@ -32,6 +34,7 @@ from modeldeploy.build.common import weights_key  # noqa: E402
 from modeldeploy.build.pull_job import build_pull_job, pull_endpoint  # noqa: E402
 from modeldeploy.config import OperatorConfig  # noqa: E402
 from modeldeploy.render import parse_spec  # noqa: E402
+from tests.hubserver import HubServer, Repo, RepoFile  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
@@ -106,11 +109,12 @@ def floor(api: client.ApiClient, count: int, operator_config: OperatorConfig) ->
 
 
 def through_operator(api: client.ApiClient, counting: CountingApi, kubeconfig: str, count: int,
-                     workdir: Path) -> dict:
+                     workdir: Path, hub_url: str) -> dict:
     core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
     namespace = fresh_namespace(core, "bench-operator")
     config_file = workdir / "operator.yaml"
-    config_file.write_text("registry: localhost\nimagePullPolicy: Never\n")
+    config_file.write_text(yaml.safe_dump({"registry": "localhost", "imagePullPolicy": "Never",
+                                           "pull": {"endpoints": {"huggingface": hub_url}}}))
     log = open(workdir / "operator.log", "w")
     operator = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", "--namespace", namespace,
                                  "--config", str(config_file), "--health-port", "0",
@@ -173,11 +177,20 @@ def main() -> None:
     except client.ApiException as error:
         if error.status != 409:
             raise
-    operator_config = OperatorConfig(registry="localhost", image_pull_policy="Never")
+    hub = HubServer()
+    for i in range(args.count):
+        hub.add_repo(Repo.from_files(mdep_body(i)["spec"]["model"]["id"],
+                                     {"config.json": RepoFile("config.json", b'{"model_type": "bert"}')}))
+    hub.start()
+    operator_config = OperatorConfig(registry="localhost", image_pull_policy="Never",
+                                     pull={"endpoints": {"huggingface": hub.url}})
 
-    with tempfile.TemporaryDirectory() as workdir:
-        floor_seconds = floor(api, args.count, operator_config)
-        result = through_operator(api, counting, kubeconfig, args.count, Path(workdir))
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            floor_seconds = floor(api, args.count, operator_config)
+            result = through_operator(api, counting, kubeconfig, args.count, Path(workdir), hub.url)
+    finally:
+        hub.stop()
     n = args.count
     print(f"ModelDeployments: {n} (different models: {n} pull Jobs, one shared cache PVC; pods held back by a quota)")
     print(f"floor, the same {n + 1} objects created directly:   {floor_seconds:7.2f} s")

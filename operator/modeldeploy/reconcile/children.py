@@ -4,12 +4,13 @@ deterministic names (so every step is idempotent and a retry never duplicates), 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from modeldeploy.pull.errors import EXIT_NO_SPACE, EXIT_PERMANENT, Reason
+from modeldeploy.reconcile.hub_sizes import HubSizes
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Apis:
     apps: client.AppsV1Api
     custom: client.CustomObjectsApi
     pod_monitors_checked: tuple[float, bool] | None = None   # (when, whether the PodMonitor kind exists)
+    hub_sizes: HubSizes = field(default_factory=HubSizes)
 
     @classmethod
     def create(cls) -> "Apis":

@@ -20,7 +20,8 @@ from modeldeploy.build.monitoring import POD_MONITOR_API, build_pod_monitor
 from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
 from modeldeploy.build.serving import build_deployment, build_service, server_selector
 from modeldeploy.config import OperatorConfig
-from modeldeploy.pull.sizing import claim_size, listed_bytes
+from modeldeploy.pull.sizing import claim_size
+from modeldeploy.pull.sources import SOURCES
 from modeldeploy.reconcile import metrics
 from modeldeploy.reconcile.children import Apis, apply, create_if_absent, last_progress, pull_state, read_or_none
 from modeldeploy.reconcile.status import (AVAILABLE, CACHE_READY, READY, STALLED, WEIGHTS_READY, Observation,
@@ -240,7 +241,7 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     o.fields.update(weightsKey=key)
     job = read_or_none(apis.batch.read_namespaced_job, job_name, namespace)
     if job is None:
-        if too_small := cache_too_small(spec, config, token, o.fields["cache"]["capacity"]):
+        if too_small := cache_too_small(spec, config, apis, token, o.fields["cache"]["capacity"]):
             o.weights = (False, "NoSpace", too_small)
             o.stalled = ("NoSpace", too_small)
             return
@@ -303,12 +304,13 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
                        f"{ready}/{wanted} replicas ready" + pod_problem(apis, namespace, name))
 
 
-def cache_too_small(spec, config: OperatorConfig, token: str | None, capacity: str | None) -> str | None:
+def cache_too_small(spec, config: OperatorConfig, apis: Apis, token: str | None,
+                    capacity: str | None) -> str | None:
     """Before a pull: a message when the hub lists more bytes for the selected files than the cache PVC holds in
     all (what other models already use there is the puller's own check, on the mounted volume)."""
     if not capacity:
         return None
-    needed = hub_listed_bytes(spec, config, token)
+    needed = hub_listed_bytes(spec, config, apis, token)
     holds = int(parse_quantity(capacity))
     if needed is None or needed <= holds:
         return None
@@ -328,16 +330,9 @@ def token_from_secret(apis: Apis, namespace: str, ref) -> str | None:
     return base64.b64decode(secret.data[ref.key]).decode().strip()
 
 
-def hub_listed_bytes(spec, config: OperatorConfig, token: str | None) -> int | None:
-    """The selected files' sizes as the hub lists them; None when the hub cannot be asked from here (unreachable
-    from the operator, wrong token): the pull itself then reports what is wrong."""
-    try:
-        return listed_bytes(spec.model.source, pull_endpoint(spec, config), spec.model.id, spec.model.revision,
-                            spec.model.files, spec.model.allow_pickle, token)
-    except Exception as error:   # sizing is a courtesy
-        log.info("listing %s's file sizes on the hub failed (%s: %s)", spec.model.id, type(error).__name__,
-                 str(error)[:200])
-        return None
+def hub_listed_bytes(spec, config: OperatorConfig, apis: Apis, token: str | None) -> int | None:
+    return apis.hub_sizes.selected_bytes(spec, pull_endpoint(spec, config) or SOURCES[spec.model.source].endpoint,
+                                         token)
 
 
 def estimated_cache_size(spec, config: OperatorConfig, apis: Apis, namespace: str) -> tuple[str | None, str]:
@@ -346,7 +341,8 @@ def estimated_cache_size(spec, config: OperatorConfig, apis: Apis, namespace: st
     if spec.cache.size:
         return None, ""
     try:
-        nbytes = hub_listed_bytes(spec, config, token_from_secret(apis, namespace, spec.model.token_secret_ref))
+        nbytes = hub_listed_bytes(spec, config, apis,
+                                  token_from_secret(apis, namespace, spec.model.token_secret_ref))
     except LookupError:   # the token Secret is missing: the weights step says so
         nbytes = None
     if nbytes is None:
