@@ -3,8 +3,8 @@
 Kernels. Where torch has fbgemm (its x86 builds), fbgemm's dynamic linear (`torch.ops.quantized.linear_dynamic`)
 quantizes the activations inside the kernel and multiplies with AVX2 or AVX-512 int8 instructions.
 `torch._int_mm`, which torchao builds on, reaches oneDNN only on CPUs with AVX512-VNNI and otherwise runs a
-reference loop far slower than fp32 (measured on this project's AVX2 machines: 35-55x per layer), so it is the kernel only
-where fbgemm is missing (loong64 and arm64 builds), with one activation scale per token.
+reference loop far slower than fp32 (measured on this project's AVX2 machine: 35-55x per layer), so it is the
+kernel only where fbgemm is missing (loong64 and arm64 builds), with one activation scale per token.
 
 Accuracy. fbgemm gives the activations one scale per tensor, and transformer activations have outliers: in a few
 channels (inputs that come from a LayerNorm) or in a few tokens (the MLP's down projection: [CLS], [SEP],
@@ -26,7 +26,7 @@ import torch
 
 # Heads that turn features into outputs stay in full precision: they are small next to the body and sensitive.
 KEEP_FULL_PRECISION = ("lm_head", "classifier", "score", "pooler")
-SMOOTHING_ALPHA = 0.7          # share of an input channel's range moved into the weights (0.5: cosine 0.953)
+SMOOTHING_ALPHA = 0.7          # share of an input channel's range moved into the weights (best of 0.6-0.9 here)
 OUTLIER_TOKEN_FACTOR = 4.0     # rows whose peak is above this many times the median row's are quantized apart
 # fbgemm without VNNI adds pairs of u8 x s8 products in 16 bits; 7-bit activations cannot overflow them.
 REDUCE_RANGE = True
