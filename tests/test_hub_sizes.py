@@ -27,9 +27,9 @@ def test_sizes_are_asked_once_and_an_unreachable_hub_is_left_alone():
     now = [0.0]
     asked: list[tuple[str, str]] = []
 
-    def counted_lister(source, endpoint, repo_id, *rest):
+    def counted_lister(endpoint, repo_id, *rest):
         asked.append((endpoint, repo_id))
-        return listed_bytes(source, endpoint, repo_id, *rest)
+        return listed_bytes(endpoint, repo_id, *rest)
 
     sizes = HubSizes(clock=lambda: now[0], lister=counted_lister)
     try:

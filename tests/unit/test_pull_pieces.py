@@ -99,8 +99,8 @@ def test_cache_size_from_the_sizes_the_hub_lists():
     repo = server.add_repo(Repo.from_folder(MINILM, minilm_dir()))
     server.start()
     try:
-        everything = listed_bytes("huggingface", server.url, MINILM, "main", None, False, None)
-        json_only = listed_bytes("huggingface", server.url, MINILM, "main", ["*.json"], False, None)
+        everything = listed_bytes(server.url, MINILM, "main", None, False, None)
+        json_only = listed_bytes(server.url, MINILM, "main", ["*.json"], False, None)
     finally:
         server.stop()
     assert everything == sum(f.size for f in repo.files.values())

@@ -6,18 +6,17 @@ from __future__ import annotations
 import math
 
 from modeldeploy.pull.selection import select
-from modeldeploy.pull.sources import SOURCES
 
 HEADROOM = 1.25            # room for a second revision's changed files and huggingface_hub's temporary files
 MINIMUM_GIB = 1
 
 
-def listed_bytes(source: str, endpoint: str | None, repo_id: str, revision: str, patterns: list[str] | None,
-                 allow_pickle: bool, token: str | None) -> int:
+def listed_bytes(endpoint: str, repo_id: str, revision: str, patterns: list[str] | None, allow_pickle: bool,
+                 token: str | None) -> int:
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
-    api = HfApi(endpoint=endpoint or SOURCES[source].endpoint, token=token or False)
+    api = HfApi(endpoint=endpoint, token=token or False)
     entries = {e.path: e for e in api.list_repo_tree(repo_id, revision=revision, recursive=True)
                if isinstance(e, RepoFile)}
     return sum(entries[p].size for p in select(list(entries), patterns, [], allow_pickle))

@@ -32,7 +32,7 @@ class HubSizes:
         """Bytes of the selected files; None when the hub cannot tell (unreachable, refused, unknown model): the
         pull itself then reports what is wrong."""
         model = spec.model
-        key = (endpoint, model.source, model.id, model.revision, tuple(model.files or ()), model.allow_pickle,
+        key = (endpoint, model.id, model.revision, tuple(model.files or ()), model.allow_pickle,
                hashlib.sha256(token.encode()).hexdigest() if token else None)    # another token may see more
         now = self.clock()
         with self.lock:
@@ -41,8 +41,7 @@ class HubSizes:
             if key in self.listings and now - self.listings[key][0] < LISTING_SECONDS:
                 return self.listings[key][1]
         try:
-            nbytes = self.lister(model.source, endpoint, model.id, model.revision, model.files, model.allow_pickle,
-                                 token)
+            nbytes = self.lister(endpoint, model.id, model.revision, model.files, model.allow_pickle, token)
         except HfHubHTTPError as error:     # the hub answered: unknown model or revision, token refused, ...
             log.info("the hub %s lists no sizes for %s (%s)", endpoint, model.id, str(error).splitlines()[0][:200])
             nbytes = None
