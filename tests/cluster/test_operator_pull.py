@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import subprocess
 
+import kopf
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from modeldeploy.config import OperatorConfig
+from modeldeploy.reconcile import metrics
+from modeldeploy.reconcile.children import Apis
+from modeldeploy.reconcile.handlers import reconcile_by_name
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, mdep  # noqa: F401 (crd: fixture)
 from tests.helpers import operator_process, wait_for
 from tests.hubserver import HubServer, Repo, RepoFile
@@ -169,3 +174,23 @@ def test_bad_inputs_that_only_the_hub_can_reveal(api_client, namespace, operator
     assert "holds 10Mi but the hub lists 87 MiB" in small
     jobs = {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
     assert len(jobs) == 2 and not any("minilm" in j for j in jobs)   # the small cache started no pull
+
+
+def test_a_reconcile_outside_kopf_handlers_posts_its_events(api_client, namespace, crd, hub):  # noqa: F811
+    """The progress refresher reconciles from outside kopf's handlers, where kopf.warn cannot post (a stall it
+    found once lost its Event). Here the reconcile runs in the test's own thread, as the refresher's does: the
+    cache's Normal Event and the stall's Warning Event both reach the API."""
+    custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
+    memo = kopf.Memo(apis=Apis(core, client.BatchV1Api(api_client), client.AppsV1Api(api_client), custom),
+                     config=OperatorConfig(), phases=metrics.PhaseBook())
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(
+        "small", model={"id": MINILM, "endpoint": hub.url}, cache={"claimName": "tiny", "size": "10Mi"}))
+
+    def stalled():
+        reconcile_by_name(memo, namespace, "small")
+        return condition(custom, namespace, "small", "Stalled").get("status") == "True"
+
+    wait_for(stalled, 60, "the reconcile to find the cache too small", interval=1)
+    posted = {(e.type, e.reason) for e in core.list_namespaced_event(
+        namespace, field_selector="involvedObject.name=small").items}
+    assert {("Normal", "CacheReady"), ("Warning", "NoSpace")} <= posted, posted

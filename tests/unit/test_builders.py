@@ -6,6 +6,7 @@ llamacpp without a GGUF file, a custom engine without image/port, a malformed mo
 
 from __future__ import annotations
 
+import datetime
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from modeldeploy.api import ModelDeploymentSpec
 from modeldeploy.build.common import pull_job_name, weights_key
 from modeldeploy.config import OperatorConfig
+from modeldeploy.reconcile.events import build_event
 from modeldeploy.render import RenderError, render
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,3 +215,16 @@ def test_configured_profiles_lay_over_the_builtin_ones():
     assert config.profiles["arm"].node_selector == {"kubernetes.io/arch": "arm64"}
     with pytest.raises(ValueError, match="shm_sise|shmSise"):
         OperatorConfig.model_validate({"profiles": {"cpu": {"shm_sise": "1Gi"}}})
+
+
+def test_events_name_their_model_deployment_and_stay_within_the_limit():
+    owner = {"apiVersion": "modeldeploy.io/v1alpha1", "kind": "ModelDeployment",
+             "metadata": {"name": "minilm", "namespace": "ml", "uid": "u-1"}}
+    when = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.timezone.utc)
+    event = build_event(owner, "Warning", "NoSpace", "x" * 5000, when)
+    assert event["metadata"] == {"generateName": "minilm.", "namespace": "ml"}
+    assert event["involvedObject"] == {"apiVersion": "modeldeploy.io/v1alpha1", "kind": "ModelDeployment",
+                                       "name": "minilm", "namespace": "ml", "uid": "u-1"}
+    assert (event["type"], event["reason"], len(event["message"])) == ("Warning", "NoSpace", 1024)
+    assert event["firstTimestamp"] == event["lastTimestamp"] == "2026-11-25T12:00:00Z"
+    assert build_event(owner, "Normal", "Ready", "", when)["message"] == "Ready"   # never empty

@@ -22,7 +22,7 @@ from modeldeploy.build.serving import build_deployment, build_service, server_se
 from modeldeploy.config import OperatorConfig
 from modeldeploy.pull.sizing import claim_size
 from modeldeploy.pull.sources import SOURCES
-from modeldeploy.reconcile import metrics
+from modeldeploy.reconcile import events, metrics
 from modeldeploy.reconcile.children import Apis, apply, create_if_absent, last_progress, pull_state, read_or_none
 from modeldeploy.reconcile.status import (AVAILABLE, CACHE_READY, READY, STALLED, WEIGHTS_READY, Observation,
                                           status_patch)
@@ -156,13 +156,13 @@ def on_claim(namespace, name, memo, by_claim: kopf.Index, **_):
 
 
 def reconcile_by_name(memo, namespace: str, name: str) -> None:
-    """From a child's event: one ModelDeployment's trouble must not stop the others'."""
+    """From a child's event or the progress refresher: one ModelDeployment's trouble must not stop the others'."""
     try:
         body = read_or_none(memo.apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
         if body is not None and not body["metadata"].get("deletionTimestamp"):
             reconcile(body, memo)
     except Exception:
-        log.exception("mdep %s/%s: reconcile after a child's event failed", namespace, name)
+        log.exception("mdep %s/%s: reconcile (after a child's event, or refreshing progress) failed", namespace, name)
 
 
 def parse_or_none(body) -> ModelDeploymentSpec | None:
@@ -206,8 +206,8 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
         return
 
     if spec.runtime.trust_remote_code and (body.get("status") or {}).get("warnedRemoteCode") != meta.get("generation"):
-        kopf.warn(body, reason="TrustRemoteCode", message="runtime.trustRemoteCode is on: the model's own Python "
-                                                          "code will run in the serving pods")
+        events.warn(apis.core, body, "TrustRemoteCode", "runtime.trustRemoteCode is on: the model's own Python code "
+                                                        "will run in the serving pods")
         o.fields["warnedRemoteCode"] = meta.get("generation")
 
     # 1. the shared cache
@@ -246,8 +246,8 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
             o.stalled = ("NoSpace", too_small)
             return
         if create_if_absent(apis.batch.create_namespaced_job, namespace, build_pull_job(spec, config, key)):
-            kopf.info(body, reason="PullStarted", message=f"pull job {job_name} created for {spec.model.id}"
-                                                          f"@{spec.model.revision}")
+            events.info(apis.core, body, "PullStarted",
+                        f"pull job {job_name} created for {spec.model.id}@{spec.model.revision}")
             log.info("mdep %s/%s: pull job %s created for %s@%s", namespace, name, job_name, spec.model.id,
                      spec.model.revision)
         o.weights = (False, "Pulling", f"pull job {job_name} started")
@@ -379,10 +379,10 @@ def pod_problem(apis: Apis, namespace: str, name: str) -> str:
 
 
 def latest_event(apis: Apis, namespace: str, kind: str, name: str) -> str | None:
-    events = apis.core.list_namespaced_event(
+    found = apis.core.list_namespaced_event(
         namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}").items
-    events.sort(key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
-    return events[-1].message if events else None
+    found.sort(key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+    return found[-1].message if found else None
 
 
 PROGRESS_REASONS = {"Waiting", "Creating", "Pulling", "RollingOut", "ReplicasNotReady", "Ready", "Progressing"}
@@ -402,11 +402,11 @@ def write_status(apis: Apis, body, observation: Observation, previous: list[dict
     for condition, _old in changed:
         kind, ok, reason = condition["type"], condition["status"] == "True", condition["reason"]
         if kind == STALLED and ok:
-            kopf.warn(dict(body), reason=reason, message=condition["message"])
+            events.warn(apis.core, body, reason, condition["message"])
             if observation.weights is not None and not observation.weights[0]:
                 metrics.PULL_FAILURES.labels(reason).inc()
         elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE, READY) and ok:
-            kopf.info(dict(body), reason=kind, message=condition["message"] or kind)
+            events.info(apis.core, body, kind, condition["message"])
         elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE) and reason not in PROGRESS_REASONS:
-            kopf.warn(dict(body), reason=reason, message=condition["message"])
+            events.warn(apis.core, body, reason, condition["message"])
     return status
