@@ -5,16 +5,19 @@ cores with the server, as it would in a noisy pod):
   * naive: one forward pass per request behind an asyncio lock - the classic model service;
   * modeldeploy serve (fp32, dynamic batching) and modeldeploy serve --quantization int8-dynamic.
 
-Loads: single-text requests from 64 concurrent clients, and 16-text requests from 16 clients. Prints texts/s,
-p50/p99 latency, the ratios the runtime's targets name, and int8's mean cosine to fp32.
+Loads: single-text requests from 64 concurrent clients, and 16-text requests from 16 clients. The three servers
+run at once and take turns under each load, round after round, so that the machine's drift falls on all of them.
+Prints texts/s, p50/p99 latency, the ratios the runtime's targets name, int8's mean cosine to fp32, and how much
+int8 can gain here at most (torch's profiler: the share of fp32 time in linear layers, int8's kernels' speed-up).
 
-    .venv/bin/python bench/serve_bench.py [--seconds 15]
+    .venv/bin/python bench/serve_bench.py [--seconds 15] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import statistics
 import subprocess
@@ -33,6 +36,9 @@ from tests.models import MINILM, minilm_dir, pull_into  # noqa: E402
 WORDS = ("model cache cluster request weights serving latency batch token vector river mountain city music "
          "light garden window paper story market energy science ocean forest people time world system data "
          "network question answer friend school table computer morning evening quickly slowly bright dark").split()
+
+# The kernels a linear layer runs: fp32 GEMM (the heads stay fp32 in the int8 model too) and the int8 ones.
+LINEAR_KERNELS = {"aten::addmm", "aten::mm", "quantized::linear_dynamic", "aten::_int_mm"}
 
 NAIVE_SERVER = r'''
 import asyncio, sys, torch
@@ -70,6 +76,7 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 
 async def load(url: str, clients: int, texts_per_request: int, seconds: float, corpus: list[str]) -> dict:
+    """One load run: each client sends its next request as soon as the last is answered."""
     import aiohttp
 
     latencies: list[float] = []
@@ -92,11 +99,18 @@ async def load(url: str, clients: int, texts_per_request: int, seconds: float, c
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
         await asyncio.gather(*(client(i, session) for i in range(clients)))
-    elapsed = time.monotonic() - started
-    latencies.sort()
-    return {"texts_per_s": len(latencies) * texts_per_request / elapsed, "requests": len(latencies),
+    return {"latencies": latencies, "texts": len(latencies) * texts_per_request, "errors": errors,
+            "seconds": time.monotonic() - started}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Several rounds of one server under one load, pooled: texts/s over all rounds' time, percentiles over all
+    their requests."""
+    latencies = sorted(x for run in runs for x in run["latencies"])
+    return {"texts_per_s": sum(run["texts"] for run in runs) / sum(run["seconds"] for run in runs),
             "p50": statistics.median(latencies), "p99": latencies[int(0.99 * (len(latencies) - 1))],
-            "errors": errors}
+            "errors": sum(run["errors"] for run in runs),
+            "round_rates": [run["texts"] / run["seconds"] for run in runs]}
 
 
 def offline(snapshot: Path, corpus: list[str], threads: int) -> dict:
@@ -125,8 +139,24 @@ def offline(snapshot: Path, corpus: list[str], threads: int) -> dict:
             count += batch_size
         return count / (time.monotonic() - started)
 
-    return {"fp32 batch 1": rate(model, 1, corpus), "fp32 batch 32": rate(model, 32, by_length),
-            "int8 batch 32": rate(int8, 32, by_length)}
+    def linear_seconds(m) -> tuple[float, float]:
+        """(time in linear layers, time in all) over 20 batches of 32, as torch's profiler counts it."""
+        from torch.profiler import ProfilerActivity, profile
+
+        batches = [tokenizer(by_length[i:i + 32], padding=True, return_tensors="pt")   # every third batch of 32
+                   for i in range(0, 20 * 96, 96)]
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for batch in batches:
+                m(**batch)
+        events = profiler.key_averages()
+        linear = sum(e.self_cpu_time_total for e in events if e.key in LINEAR_KERNELS)
+        return linear / 1e6, sum(e.self_cpu_time_total for e in events) / 1e6
+
+    rates = {"fp32 batch 1": rate(model, 1, corpus), "fp32 batch 32": rate(model, 32, by_length),
+             "int8 batch 32": rate(int8, 32, by_length)}
+    (fp32_linear, fp32_all), (int8_linear, _) = linear_seconds(model), linear_seconds(int8)
+    return rates, {"fp32 share in linear layers": fp32_linear / fp32_all, "int8 linear speed-up":
+                   fp32_linear / int8_linear}
 
 
 def embed_all(url: str, texts: list[str]) -> np.ndarray:
@@ -141,7 +171,8 @@ def embed_all(url: str, texts: list[str]) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=15.0, help="length of each load run")
+    parser.add_argument("--seconds", type=float, default=15.0, help="time each server spends under each load")
+    parser.add_argument("--rounds", type=int, default=3, help="the rounds those seconds are cut into")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every server")
     args = parser.parse_args()
 
@@ -154,55 +185,55 @@ def main() -> None:
     hub.stop()
     snapshot = cache / f"models--{MINILM.replace('/', '--')}" / "snapshots" / commit
 
-    rates = offline(snapshot, corpus, args.threads)
+    rates, linears = offline(snapshot, corpus, args.threads)
     print(f"offline (the model alone, {args.threads} threads): " + ", ".join(f"{k} {v:.0f} texts/s"
                                                                         for k, v in rates.items()))
+    share, speedup = linears["fp32 share in linear layers"], linears["int8 linear speed-up"]
+    print(f"offline, batches of 32 under torch's profiler: fp32 spends {share:.0%} of its time in linear layers; "
+          f"int8's linear kernels are {speedup:.2f}x fp32's; int8 changes nothing else, so the model can gain at "
+          f"most {1 / (1 - share + share / speedup):.2f}x from int8 here")
 
     loads = {"1 text x 64 clients": (64, 1), "16 texts x 16 clients": (16, 16)}
-    results: dict[str, dict] = {}
-
-    def run_loads(label: str, url: str) -> None:
-        asyncio.run(load(url, 8, 1, 2, corpus))      # warm-up
-        for name, (clients, per_request) in loads.items():
-            r = asyncio.run(load(url, clients, per_request, args.seconds, corpus))
-            results[(label, name)] = r
-            print(f"{label:>24} | {name:>22} | {r['texts_per_s']:7.1f} texts/s | p50 {r['p50'] * 1000:7.1f} ms | "
-                  f"p99 {r['p99'] * 1000:7.1f} ms | errors {r['errors']}")
-
+    naive_label, fp32, int8 = "naive (lock per request)", "modeldeploy fp32", "modeldeploy int8-dynamic"
+    common = ["--model", MINILM, "--revision", commit, "--cache-dir", str(cache), "--task", "feature-extraction",
+              "--threads", str(args.threads)]
     port = free_port()
     naive = subprocess.Popen([sys.executable, "-c", NAIVE_SERVER, str(snapshot), str(port), str(args.threads)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    naive_url = f"http://127.0.0.1:{port}"
+    servers = {fp32: ServeProcess(*common), int8: ServeProcess(*common, "--quantization", "int8-dynamic")}
     try:
-        import urllib.request
-
-        def naive_ready():
-            with urllib.request.urlopen(f"{naive_url}/v2/health/ready", timeout=2) as response:
-                return response.status == 200
-
-        wait_for(naive_ready, 120, "the naive server")
-        run_loads("naive (lock per request)", naive_url)
+        urls = {naive_label: f"http://127.0.0.1:{port}",
+                **{label: server.wait_ready().url for label, server in servers.items()}}
+        wait_for(lambda: embed_all(urls[naive_label], ["ready?"]) is not None, 120, "the naive server")
+        for url in urls.values():
+            asyncio.run(load(url, 8, 1, 2, corpus))      # warm-up
+        # This machine's speed drifts by tens of percent over minutes (shared cores): every server gets a share of
+        # each round, in a rotating order, so drift falls on all of them alike.
+        runs: dict[tuple[str, str], list[dict]] = {key: [] for key in itertools.product(urls, loads)}
+        for round_ in range(args.rounds):
+            for name, (clients, per_request) in loads.items():
+                order = list(urls)[round_ % len(urls):] + list(urls)[:round_ % len(urls)]
+                for label in order:
+                    runs[(label, name)].append(asyncio.run(load(urls[label], clients, per_request,
+                                                                args.seconds / args.rounds, corpus)))
+        check_texts = corpus[:256]
+        vectors = {label: embed_all(urls[label], check_texts) for label in servers}
     finally:
         naive.terminate()
         naive.wait()
-
-    common = ["--model", MINILM, "--revision", commit, "--cache-dir", str(cache), "--task", "feature-extraction",
-              "--threads", str(args.threads)]
-    vectors = {}
-    check_texts = corpus[:256]
-    for label, extra in (("modeldeploy fp32", []), ("modeldeploy int8-dynamic", ["--quantization", "int8-dynamic"])):
-        server = ServeProcess(*common, *extra).wait_ready()
-        try:
-            run_loads(label, server.url)
-            vectors[label] = embed_all(server.url, check_texts)
-        finally:
+        for server in servers.values():
             server.stop()
+
+    results = {key: summarize(value) for key, value in runs.items()}
+    for (label, name), r in results.items():
+        print(f"{label:>24} | {name:>22} | {r['texts_per_s']:7.1f} texts/s | p50 {r['p50'] * 1000:7.1f} ms | "
+              f"p99 {r['p99'] * 1000:7.1f} ms | errors {r['errors']} | rounds "
+              + " ".join(f"{rate:.0f}" for rate in r["round_rates"]))
 
     def ratio(a, b, key="texts_per_s"):
         return results[a][key] / results[b][key]
 
     single, multi = loads
-    fp32, int8, naive_label = "modeldeploy fp32", "modeldeploy int8-dynamic", "naive (lock per request)"
     cosine = float((vectors[fp32] * vectors[int8]).sum(1).mean())
     print()
     print(f"single-text, 64 clients: throughput {ratio((fp32, single), (naive_label, single)):.2f}x naive "

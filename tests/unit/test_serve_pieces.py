@@ -4,6 +4,7 @@ batcher's queue bound and grouping."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -128,7 +129,7 @@ def test_int8_layers_each_tame_the_outliers_they_are_for():
         assert 0 < error(layer, both) < 0.04, type(layer).__name__
 
 
-def test_int8_dynamic_calibrates_the_body_and_keeps_heads_in_full_precision(tmp_path, monkeypatch):
+def test_int8_dynamic_calibrates_the_body_and_keeps_heads_in_full_precision(tmp_path, monkeypatch, caplog):
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
@@ -156,6 +157,9 @@ def test_int8_dynamic_calibrates_the_body_and_keeps_heads_in_full_precision(tmp_
         assert not torch.equal(logits, reference)
 
         monkeypatch.setattr(quantize, "fbgemm_available", lambda: False)     # loong64 and arm64 builds of torch
+        monkeypatch.setattr(quantize, "int_mm_is_fast", lambda: False)
         model = fresh()
-        assert quantize.quantize_int8_dynamic(model, tokenizer) == {"PerTokenInt8Linear": 12}
+        with caplog.at_level(logging.WARNING, logger=quantize.log.name):
+            assert quantize.quantize_int8_dynamic(model, tokenizer) == {"PerTokenInt8Linear": 12}
+        assert "reference loop" in caplog.text and "--quantization none" in caplog.text
         assert torch.nn.functional.cosine_similarity(model(**batch).logits, reference).min() > 0.99

@@ -4,7 +4,8 @@ Kernels. Where torch has fbgemm (its x86 builds), fbgemm's dynamic linear (`torc
 quantizes the activations inside the kernel and multiplies with AVX2 or AVX-512 int8 instructions.
 `torch._int_mm`, which torchao builds on, reaches oneDNN only on CPUs with AVX512-VNNI and otherwise runs a
 reference loop far slower than fp32 (measured on this project's AVX2 machine: 35-55x per layer), so it is the
-kernel only where fbgemm is missing (loong64 and arm64 builds), with one activation scale per token.
+kernel only where fbgemm is missing (loong64 and arm64 builds), with one activation scale per token, and a warning
+at load where it is that reference loop.
 
 Accuracy. fbgemm gives the activations one scale per tensor, and transformer activations have outliers: in a few
 channels (inputs that come from a LayerNorm) or in a few tokens (the MLP's down projection: [CLS], [SEP],
@@ -20,9 +21,12 @@ run this path, and no supported CPU int8 kernel of this torch is faster on AVX2.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Heads that turn features into outputs stay in full precision: they are small next to the body and sensitive.
 KEEP_FULL_PRECISION = ("lm_head", "classifier", "score", "pooler")
@@ -61,6 +65,11 @@ CALIBRATION_TEXTS = (
 
 def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def int_mm_is_fast() -> bool:
+    """Whether `torch._int_mm` reaches oneDNN here (AVX512-VNNI), rather than torch's reference loop."""
+    return torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported()
 
 
 def _pack(weight: torch.Tensor, bias: torch.Tensor | None):
@@ -151,6 +160,11 @@ def quantize_int8_dynamic(model: torch.nn.Module, tokenizer) -> dict[str, int]:
             if isinstance(child, torch.nn.Linear) and not any(k in full.split(".") for k in KEEP_FULL_PRECISION):
                 targets.append((module, child_name, child))
     if not fbgemm_available():
+        if not int_mm_is_fast():
+            # Loongson's profile asks for int8-dynamic by default; the pod's log is where its cost must show.
+            log.warning("int8-dynamic: this torch build has no fbgemm and this CPU no AVX512-VNNI, so int8 matrix "
+                        "products run torch's reference loop (35-55x slower than fp32 per layer on an AVX2 CPU); "
+                        "--quantization none is likely faster here")
         for module, child_name, child in targets:
             setattr(module, child_name, PerTokenInt8Linear(child))
         return {PerTokenInt8Linear.__name__: len(targets)} if targets else {}
