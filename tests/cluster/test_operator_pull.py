@@ -14,11 +14,12 @@ import kopf
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from prometheus_client import REGISTRY
 
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile import metrics
 from modeldeploy.reconcile.children import Apis
-from modeldeploy.reconcile.handlers import reconcile_by_name
+from modeldeploy.reconcile.handlers import reconcile, reconcile_by_name
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, mdep  # noqa: F401 (crd: fixture)
 from tests.helpers import operator_process, wait_for
 from tests.hubserver import HubServer, Repo, RepoFile
@@ -194,3 +195,28 @@ def test_a_reconcile_outside_kopf_handlers_posts_its_events(api_client, namespac
     posted = {(e.type, e.reason) for e in core.list_namespaced_event(
         namespace, field_selector="involvedObject.name=small").items}
     assert {("Normal", "CacheReady"), ("Warning", "NoSpace")} <= posted, posted
+
+
+def test_two_reconciles_of_one_read_write_and_post_once(api_client, namespace, crd, hub):  # noqa: F811
+    """kopf's workers and the progress refresher can reconcile the same resource from the same read. The first
+    reconcile writes the status and posts the transitions' Events; the second finds the resource changed, reads it
+    again and has nothing new to post. (Before, both wrote and both posted: doubled Events, and an older observation
+    could overwrite a newer status.) The trustRemoteCode warning comes once per generation, through the same write."""
+    custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
+    memo = kopf.Memo(apis=Apis(core, client.BatchV1Api(api_client), client.AppsV1Api(api_client), custom),
+                     config=OperatorConfig(), phases=metrics.PhaseBook())
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(
+        "twice", model={"id": MINILM, "endpoint": hub.url}, cache={"claimName": "tiny", "size": "10Mi"},
+        runtime={"trustRemoteCode": True}))
+    reconcile_by_name(memo, namespace, "twice")       # creates the cache PVC
+    wait_for(lambda: core.read_namespaced_persistent_volume_claim("tiny", namespace).status.phase == "Bound", 60,
+             "the cache PVC to bind")
+    conflicts = REGISTRY.get_sample_value("modeldeploy_operator_reconciles_total", {"result": "conflict"}) or 0
+    read = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "twice")
+    for _ in range(2):
+        reconcile(read, memo)
+    assert REGISTRY.get_sample_value("modeldeploy_operator_reconciles_total", {"result": "conflict"}) == conflicts + 1
+    reasons = [e.reason for e in core.list_namespaced_event(namespace,
+                                                            field_selector="involvedObject.name=twice").items]
+    assert reasons.count("CacheReady") == reasons.count("NoSpace") == reasons.count("TrustRemoteCode") == 1, reasons
+    assert condition(custom, namespace, "twice", "Stalled")["reason"] == "NoSpace"

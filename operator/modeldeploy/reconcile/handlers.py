@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 
@@ -173,21 +174,52 @@ def parse_or_none(body) -> ModelDeploymentSpec | None:
 
 
 # -- the reconcile ----------------------------------------------------------------------------------------------------
+STALE_READ_RETRIES = 3
+
+
+class StaleRead(Exception):
+    """The resource changed after it was read, so its status was not written over."""
+
+
 def reconcile(body, memo) -> Observation:
+    """Observes the children, writes the status over the version of the resource that was read, and posts an Event
+    per transition. Reconciles run concurrently (kopf's workers, the progress refresher), so when something wrote the
+    resource in between, the write is refused and the reconcile runs again on a fresh read: an older observation
+    never overwrites a newer status, and each transition gets one Event."""
+    for attempt in range(STALE_READ_RETRIES):
+        try:
+            return reconcile_as_read(body, memo)
+        except StaleRead:
+            if attempt == STALE_READ_RETRIES - 1:
+                raise
+            meta = body["metadata"]
+            body = read_or_none(memo.apis.custom.get_namespaced_custom_object, GROUP, VERSION, meta["namespace"],
+                                PLURAL, meta["name"])
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return Observation(generation=meta.get("generation", 1))
+    raise AssertionError("unreachable")
+
+
+def reconcile_as_read(body, memo) -> Observation:
     meta = body["metadata"]
     previous = list((body.get("status") or {}).get("conditions") or [])
     observation = Observation(generation=meta.get("generation", 1))
     started, result = time.monotonic(), "error"
     try:
         observe(body, memo.apis, memo.config, observation)
-        status = write_status(memo.apis, body, observation, previous)
+        try:
+            status = write_status(memo.apis, body, observation, previous)
+        except StaleRead:
+            result = "conflict"
+            raise
         if status is not None:
             memo.phases.record(meta["namespace"], meta["name"], status["phase"])
             metrics.record_download(meta["namespace"], meta["name"], status.get("download"))
         result = "ok"
     finally:
         if result == "error":   # what was observed before the failure still reaches the status
-            write_status(memo.apis, body, observation, previous)
+            with contextlib.suppress(StaleRead):
+                write_status(memo.apis, body, observation, previous)
         metrics.RECONCILES.labels(result).inc()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     return observation
@@ -205,10 +237,8 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
         o.stalled = ("InvalidSpec", "; ".join(problems))
         return
 
-    if spec.runtime.trust_remote_code and (body.get("status") or {}).get("warnedRemoteCode") != meta.get("generation"):
-        events.warn(apis.core, body, "TrustRemoteCode", "runtime.trustRemoteCode is on: the model's own Python code "
-                                                        "will run in the serving pods")
-        o.fields["warnedRemoteCode"] = meta.get("generation")
+    if spec.runtime.trust_remote_code:
+        o.fields["warnedRemoteCode"] = meta.get("generation")    # write_status warns once per generation
 
     # 1. the shared cache
     claim = read_or_none(apis.core.read_namespaced_persistent_volume_claim, spec.cache.claim_name, namespace)
@@ -391,22 +421,33 @@ PROGRESS_REASONS = {"Waiting", "Creating", "Pulling", "RollingOut", "ReplicasNot
 def write_status(apis: Apis, body, observation: Observation, previous: list[dict]) -> dict | None:
     status, changed = status_patch(observation, previous)
     meta = body["metadata"]
-    try:
-        apis.custom.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
-                                                          {"status": status})
+    try:   # resourceVersion: a precondition, the write is refused (409) if the resource changed since it was read
+        apis.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
+            {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status})
     except ApiException as error:
         if error.status == 404:
             return None   # deleted meanwhile
+        if error.status == 409:
+            raise StaleRead() from error
         raise
-    # One Event per transition that a person wants to see: a step done, a failure, a stall.
+    warned = status.get("warnedRemoteCode")
+    if warned is not None and (body.get("status") or {}).get("warnedRemoteCode") != warned:
+        events.warn(apis.core, body, "TrustRemoteCode", "runtime.trustRemoteCode is on: the model's own Python code "
+                                                        "will run in the serving pods")
+    # One Event per transition that a person wants to see: a step done, a failure, a stall. A stall turns both
+    # Stalled and the step's own condition, with one reason: one Event for both.
+    to_post: dict[tuple[str, str], str] = {}
     for condition, _old in changed:
         kind, ok, reason = condition["type"], condition["status"] == "True", condition["reason"]
         if kind == STALLED and ok:
-            events.warn(apis.core, body, reason, condition["message"])
+            to_post.setdefault(("Warning", reason), condition["message"])
             if observation.weights is not None and not observation.weights[0]:
                 metrics.PULL_FAILURES.labels(reason).inc()
         elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE, READY) and ok:
-            events.info(apis.core, body, kind, condition["message"])
+            to_post.setdefault(("Normal", kind), condition["message"])
         elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE) and reason not in PROGRESS_REASONS:
-            events.warn(apis.core, body, reason, condition["message"])
+            to_post.setdefault(("Warning", reason), condition["message"])
+    for (type_, reason), message in to_post.items():
+        events.post(apis.core, body, type_, reason, message)
     return status

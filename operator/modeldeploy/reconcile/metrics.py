@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILES = Counter("modeldeploy_operator_reconciles_total", "Reconciles of a ModelDeployment, by result",
-                     ["result"])   # ok | error
+                     ["result"])   # ok | error | conflict (the resource changed meanwhile: read again, run again)
 RECONCILE_SECONDS = Histogram("modeldeploy_operator_reconcile_duration_seconds", "Time one reconcile took",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 PHASES = ("Pending", "Pulling", "Deploying", "Ready", "Failed")
