@@ -177,13 +177,17 @@ def test_bad_inputs_that_only_the_hub_can_reveal(api_client, namespace, operator
     assert len(jobs) == 2 and not any("minilm" in j for j in jobs)   # the small cache started no pull
 
 
+def in_process_memo(api_client) -> kopf.Memo:
+    """What the operator's start-up puts in kopf's memo, for reconciles run in the test's own thread."""
+    return kopf.Memo(apis=Apis.create(api_client), config=OperatorConfig(), phases=metrics.PhaseBook())
+
+
 def test_a_reconcile_outside_kopf_handlers_posts_its_events(api_client, namespace, crd, hub):  # noqa: F811
     """The progress refresher reconciles from outside kopf's handlers, where kopf.warn cannot post (a stall it
     found once lost its Event). Here the reconcile runs in the test's own thread, as the refresher's does: the
     cache's Normal Event and the stall's Warning Event both reach the API."""
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
-    memo = kopf.Memo(apis=Apis(core, client.BatchV1Api(api_client), client.AppsV1Api(api_client), custom),
-                     config=OperatorConfig(), phases=metrics.PhaseBook())
+    memo = in_process_memo(api_client)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(
         "small", model={"id": MINILM, "endpoint": hub.url}, cache={"claimName": "tiny", "size": "10Mi"}))
 
@@ -203,8 +207,7 @@ def test_two_reconciles_of_one_read_write_and_post_once(api_client, namespace, c
     again and has nothing new to post. (Before, both wrote and both posted: doubled Events, and an older observation
     could overwrite a newer status.) The trustRemoteCode warning comes once per generation, through the same write."""
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
-    memo = kopf.Memo(apis=Apis(core, client.BatchV1Api(api_client), client.AppsV1Api(api_client), custom),
-                     config=OperatorConfig(), phases=metrics.PhaseBook())
+    memo = in_process_memo(api_client)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(
         "twice", model={"id": MINILM, "endpoint": hub.url}, cache={"claimName": "tiny", "size": "10Mi"},
         runtime={"trustRemoteCode": True}))

@@ -23,8 +23,8 @@ class Apis:
     hub_sizes: HubSizes = field(default_factory=HubSizes)
 
     @classmethod
-    def create(cls) -> "Apis":
-        api = client.ApiClient()
+    def create(cls, api: client.ApiClient | None = None) -> "Apis":
+        api = api or client.ApiClient()
         return cls(client.CoreV1Api(api), client.BatchV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api))
 
 

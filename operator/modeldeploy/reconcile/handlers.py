@@ -159,11 +159,16 @@ def on_claim(namespace, name, memo, by_claim: kopf.Index, **_):
 def reconcile_by_name(memo, namespace: str, name: str) -> None:
     """From a child's event or the progress refresher: one ModelDeployment's trouble must not stop the others'."""
     try:
-        body = read_or_none(memo.apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
-        if body is not None and not body["metadata"].get("deletionTimestamp"):
+        if (body := read_live(memo.apis, namespace, name)) is not None:
             reconcile(body, memo)
     except Exception:
         log.exception("mdep %s/%s: reconcile (after a child's event, or refreshing progress) failed", namespace, name)
+
+
+def read_live(apis: Apis, namespace: str, name: str) -> dict | None:
+    """The resource as the API server has it now; None once it is gone or being deleted."""
+    body = read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+    return body if body is not None and not body["metadata"].get("deletionTimestamp") else None
 
 
 def parse_or_none(body) -> ModelDeploymentSpec | None:
@@ -174,7 +179,7 @@ def parse_or_none(body) -> ModelDeploymentSpec | None:
 
 
 # -- the reconcile ----------------------------------------------------------------------------------------------------
-STALE_READ_RETRIES = 3
+STALE_READ_ATTEMPTS = 3
 
 
 class StaleRead(Exception):
@@ -186,18 +191,14 @@ def reconcile(body, memo) -> Observation:
     per transition. Reconciles run concurrently (kopf's workers, the progress refresher), so when something wrote the
     resource in between, the write is refused and the reconcile runs again on a fresh read: an older observation
     never overwrites a newer status, and each transition gets one Event."""
-    for attempt in range(STALE_READ_RETRIES):
+    for _ in range(STALE_READ_ATTEMPTS - 1):
         try:
             return reconcile_as_read(body, memo)
         except StaleRead:
-            if attempt == STALE_READ_RETRIES - 1:
-                raise
             meta = body["metadata"]
-            body = read_or_none(memo.apis.custom.get_namespaced_custom_object, GROUP, VERSION, meta["namespace"],
-                                PLURAL, meta["name"])
-            if body is None or body["metadata"].get("deletionTimestamp"):
+            if (body := read_live(memo.apis, meta["namespace"], meta["name"])) is None:
                 return Observation(generation=meta.get("generation", 1))
-    raise AssertionError("unreachable")
+    return reconcile_as_read(body, memo)    # a third StaleRead reaches the caller: kopf retries, the refresher logs
 
 
 def reconcile_as_read(body, memo) -> Observation:
