@@ -1,59 +1,142 @@
-"""The operator's memory of hub file sizes, against the local hub server and a closed port: a listing is asked once
-and trusted for a while, a hub's refusal (unknown model) too, and an unreachable endpoint costs one lookup (with
-huggingface_hub's own retries) and is then skipped for every model on it until its pause is over."""
+"""The operator's lookups of hub file sizes, against the local hub server, a closed port and a server that accepts
+connections and never answers: a caller never waits (PENDING until the answer), an answer is remembered for a while,
+no token and no redirect is ever followed, a listing is bounded in time and bytes, and only an endpoint that does not
+answer at all is left alone for a while - a hub's refusal of one model (404, 400) concerns that model only.
+
+Bad inputs tried: an unknown model, an id the hub refuses (400), a hub that never answers, a closed port, a redirect
+to another host, a listing larger than the byte cap, a listing that is not JSON."""
 
 from __future__ import annotations
 
+import socket
+import threading
+
+from aiohttp import web
+
 from modeldeploy.pull.selection import select
-from modeldeploy.pull.sizing import listed_bytes
-from modeldeploy.reconcile.hub_sizes import LISTING_SECONDS, UNREACHABLE_SECONDS, HubSizes
-from modeldeploy.render import parse_spec
-from tests.helpers import free_port
+from modeldeploy.reconcile import hub_sizes
+from modeldeploy.reconcile.hub_sizes import LISTING_SECONDS, PENDING, UNREACHABLE_SECONDS, HubSizes
+from tests.helpers import free_port, wait_for
 from tests.hubserver import HubServer, Repo
 from tests.models import MINILM, minilm_dir
 
 
-def spec(model_id: str):
-    return parse_spec({"spec": {"model": {"id": model_id}, "task": "feature-extraction"}})
+class BlackHole:
+    """Accepts TCP connections on 127.0.0.1 and never answers (nor closes them until stopped)."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.server.accept()[0])
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self.server.close()
+        for connection in self.held:
+            connection.close()
 
 
-def test_sizes_are_asked_once_and_an_unreachable_hub_is_left_alone():
+def answer(sizes: HubSizes, *query, timeout: float = 30):
+    """Asks until the lookup ends (the operator asks again on its next reconcile)."""
+    first = sizes.selected_bytes(*query)
+    if first is not PENDING:
+        return first
+    sizes.wait(timeout)
+    return sizes.selected_bytes(*query)
+
+
+def test_sizes_are_asked_once_without_a_token_and_a_refusal_concerns_one_model():
     folder = minilm_dir()
     files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
     expected = sum((folder / name).stat().st_size for name in select(files, None, [], False))
     hub = HubServer()
     hub.add_repo(Repo.from_folder(MINILM, folder))
+    hub.add_repo(Repo.from_folder("org/gated", folder, token="secret"))
     hub.start()
     now = [0.0]
-    asked: list[tuple[str, str]] = []
-
-    def counted_lister(endpoint, repo_id, *rest):
-        asked.append((endpoint, repo_id))
-        return listed_bytes(endpoint, repo_id, *rest)
-
-    sizes = HubSizes(clock=lambda: now[0], lister=counted_lister)
+    sizes = HubSizes(clock=lambda: now[0])
     try:
-        minilm, unknown = spec(MINILM), spec("nobody/nothing")
-        assert sizes.selected_bytes(minilm, hub.url, None) == expected
-        assert sizes.selected_bytes(minilm, hub.url, None) == expected
-        assert hub.requests[("GET", "tree")] == 1
-        now[0] += LISTING_SECONDS + 1                       # a branch can move: asked again after a while
-        assert sizes.selected_bytes(minilm, hub.url, None) == expected
+        assert sizes.selected_bytes(hub.url, MINILM, "main", None, False) is PENDING   # never waits
+        sizes.wait(30)
+        assert sizes.selected_bytes(hub.url, MINILM, "main", None, False) == expected
+        assert answer(sizes, hub.url, MINILM, "main", ["*.json"], False) < expected
         assert hub.requests[("GET", "tree")] == 2
+        now[0] += LISTING_SECONDS + 1                       # a branch can move: asked again after a while
+        assert answer(sizes, hub.url, MINILM, "main", None, False) == expected
+        assert hub.requests[("GET", "tree")] == 3
+        assert set(hub.auth_seen) == {None}                 # the operator sends no token, ever
 
-        assert sizes.selected_bytes(unknown, hub.url, None) is None          # the hub answers 404
-        assert sizes.selected_bytes(unknown, hub.url, None) is None
-        assert asked.count((hub.url, "nobody/nothing")) == 1
+        assert answer(sizes, hub.url, "org/gated", "main", None, False) is None    # 401 without a token
+        assert answer(sizes, hub.url, "nobody/nothing", "main", None, False) is None   # 404
+        # The hub's refusals concern those models: the endpoint is still asked for others.
+        assert answer(sizes, hub.url, MINILM, "v9", None, False) is None
         before = hub.requests[("GET", "tree")]
-        assert sizes.selected_bytes(minilm, hub.url, "a-token") == expected  # another token may see more
+        assert answer(sizes, hub.url, MINILM, "main", ["*.txt"], False) > 0
         assert hub.requests[("GET", "tree")] == before + 1
     finally:
         hub.stop()
 
+
+def test_a_hub_that_never_answers_costs_one_bounded_lookup_and_is_then_left_alone():
+    hole = BlackHole()
+    now = [0.0]
+    sizes = HubSizes(clock=lambda: now[0], timeout=1.0)
+    try:
+        assert sizes.selected_bytes(hole.url, "org/a", "main", None, False) is PENDING
+        assert sizes.selected_bytes(hole.url, "org/b", "main", None, False) is PENDING
+        wait_for(lambda: len(hole.held) == 2, 10, "both lookups to connect")
+        sizes.wait(10)
+        assert not sizes.running                            # the timeout ended both
+        assert sizes.selected_bytes(hole.url, "org/c", "main", None, False) is None   # left alone
+        assert len(hole.held) == 2
+        now[0] += UNREACHABLE_SECONDS + 1
+        assert sizes.selected_bytes(hole.url, "org/c", "main", None, False) is PENDING
+    finally:
+        hole.stop()
+        sizes.wait(10)
+
     closed = f"http://127.0.0.1:{free_port()}"
-    assert sizes.selected_bytes(minilm, closed, None) is None
-    assert sizes.selected_bytes(unknown, closed, None) is None               # the whole endpoint is left alone
-    assert [endpoint for endpoint, _ in asked].count(closed) == 1
-    now[0] += UNREACHABLE_SECONDS + 1
-    assert sizes.selected_bytes(unknown, closed, None) is None
-    assert [endpoint for endpoint, _ in asked].count(closed) == 2
+    assert answer(sizes, closed, "org/a", "main", None, False) is None
+    assert closed in sizes.unreachable
+
+
+def test_no_redirect_is_followed_and_a_listing_is_bounded_in_bytes(monkeypatch):
+    followed = []
+
+    async def redirect(request):
+        raise web.HTTPFound("http://169.254.169.254/latest/meta-data/")
+
+    async def huge(request):
+        return web.Response(body=b"[" + b" " * (hub_sizes.MAX_BYTES + 10) + b"]", content_type="application/json")
+
+    async def garbage(request):
+        return web.Response(text="<html>a captive portal</html>")
+
+    async def elsewhere(request):
+        followed.append(request.path)
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/api/models/org/redirect/tree/main", redirect)
+    app.router.add_get("/api/models/org/huge/tree/main", huge)
+    app.router.add_get("/api/models/org/garbage/tree/main", garbage)
+    app.router.add_get("/latest/meta-data/", elsewhere)
+    server = HubServer()        # only for its thread and loop: serve this app instead of the hub's
+    monkeypatch.setattr(server, "app", lambda: app)
+    server.start()
+    sizes = HubSizes()
+    try:
+        for model in ("org/redirect", "org/huge", "org/garbage"):
+            assert answer(sizes, server.url, model, "main", None, False) is None, model
+        assert followed == []
+        assert server.url not in sizes.unreachable          # it answered: only those models are unknown
+    finally:
+        server.stop()

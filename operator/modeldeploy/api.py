@@ -4,14 +4,56 @@ cannot express (a profile that exists, a precision the profile supports) live in
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic.alias_generators import to_camel
 
+from modeldeploy import endpoints
 from modeldeploy.config import OperatorConfig
 
 GROUP, VERSION, PLURAL, KIND = "modeldeploy.io", "v1alpha1", "modeldeployments", "ModelDeployment"
+
+
+# The same patterns as the CRD's schema (a unit test keeps them equal), so an operator running under an older CRD
+# (Helm never upgrades CRDs) refuses what the current schema refuses. Kubernetes evaluates them with RE2: no
+# look-arounds, so what a pattern cannot say sits in the schema's `not` and, here, in the checks below.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"            # a DNS-1035 label: the Service and label value it becomes
+NAME_MAX = 63
+REPO_PART = r"[A-Za-z0-9_]+([.-][A-Za-z0-9_]+)*"
+REPO_ID_PATTERN = rf"^{REPO_PART}/{REPO_PART}$"              # as the Hub validates ids: no '--', '..', edge - or .
+REPO_ID_NOT = r"\.git$"
+REVISION_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$"
+REVISION_NOT = r"\.\.|\.lock$|\.lock/|\.$"                 # git's rules for ref names
+FILE_PATTERN = r"^[^-\\\x00-\x1f\x7f][^\\\x00-\x1f\x7f]*$"    # never an option, no backslash or control character
+FILE_NOT = r"(^|/)\.\.(/|$)"
+ENDPOINT_PATTERN = r"^https?://[^\s/?#@]+(/[^\s?#@]*)?$"       # no credentials, query or fragment
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+
+
+def refuse(pattern: str, why: str):
+    def check(value: str) -> str:
+        if re.search(pattern, value):
+            raise ValueError(why)
+        return value
+    return AfterValidator(check)
+
+
+def repo_parts_short(value: str) -> str:
+    if any(len(part) > 96 for part in value.split("/")):
+        raise ValueError("each part of ORG/NAME has at most 96 characters")
+    return value
+
+
+RepoId = Annotated[str, StringConstraints(pattern=REPO_ID_PATTERN, max_length=193),
+                   refuse(REPO_ID_NOT, "a model id does not end in .git"), AfterValidator(repo_parts_short)]
+Revision = Annotated[str, StringConstraints(pattern=REVISION_PATTERN, min_length=1, max_length=255),
+                     refuse(REVISION_NOT, "not a git ref: '..', a '.lock' component or a trailing '.'")]
+FilePattern = Annotated[str, StringConstraints(pattern=FILE_PATTERN, min_length=1, max_length=512),
+                        refuse(FILE_NOT, "a '..' path segment leaves the repository")]
+SecretName = Annotated[str, StringConstraints(pattern=SECRET_NAME_PATTERN, max_length=253)]
 
 
 class Spec(BaseModel):
@@ -19,16 +61,16 @@ class Spec(BaseModel):
 
 
 class SecretKeyRef(Spec):
-    name: str
-    key: str = "token"
+    name: SecretName
+    key: Annotated[str, StringConstraints(pattern=SECRET_KEY_PATTERN, max_length=253)] = "token"
 
 
 class ModelSource(Spec):
     source: Literal["huggingface", "gitee"] = "huggingface"
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-    revision: str = "main"
-    files: list[str] | None = None
-    endpoint: str | None = None
+    id: RepoId
+    revision: Revision = "main"
+    files: list[FilePattern] | None = Field(None, max_length=64)
+    endpoint: Annotated[str, StringConstraints(pattern=ENDPOINT_PATTERN, max_length=2048)] | None = None
     token_secret_ref: SecretKeyRef | None = None
     allow_pickle: bool = False
 
@@ -46,7 +88,7 @@ class Cache(Spec):
 
 
 class Proxy(Spec):
-    secret_name: str
+    secret_name: SecretName
 
 
 class Download(Spec):
@@ -123,9 +165,35 @@ class ModelDeploymentSpec(Spec):
                          "set runtime.image")
         if self.runtime.engine == "llamacpp" and not gguf_file(self.model.files):
             found.append("the llamacpp engine needs model.files to name one .gguf file")
-        return found
+        if self.runtime.engine == "builtin":
+            for flag, field in (("--trust-remote-code", "runtime.trustRemoteCode"),
+                                ("--allow-pickle", "model.allowPickle")):
+                if any(arg.split("=")[0] == flag for arg in self.runtime.args):
+                    found.append(f"spec.runtime.args: {flag} is set through spec.{field}, which the operator "
+                                 "checks and announces")
+        return found + endpoints.problems(self, config)
+
+
+def name_problems(name: str) -> list[str]:
+    """A ModelDeployment's name becomes its Deployment's, its Service's and a label value: what they refuse."""
+    if len(name) > NAME_MAX or not re.match(NAME_PATTERN, name):
+        return [f"metadata.name {name!r} cannot name the Service and labels it becomes: at most {NAME_MAX} "
+                "characters, lower-case letters, digits and '-', starting with a letter and not ending with '-'"]
+    return []
 
 
 def gguf_file(patterns: list[str] | None) -> str | None:
     """The GGUF file a llama.cpp server loads: the first literal (no wildcard) *.gguf name in the patterns."""
     return next((p for p in patterns or [] if p.endswith(".gguf") and not any(c in p for c in "*?[")), None)
+
+
+class SpecError(ValueError):
+    """A spec the types refuse, with every field named."""
+
+
+def parse_spec(body: dict) -> ModelDeploymentSpec:
+    try:
+        return ModelDeploymentSpec.model_validate(body.get("spec") or {})
+    except ValidationError as error:
+        raise SpecError("; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                  for e in error.errors())) from None

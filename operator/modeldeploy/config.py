@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 VERSION_TAG = "0.1.0"
+Source = Literal["huggingface", "gitee"]
+ANY_ENDPOINT = "*"    # in pull.allowedEndpoints: any endpoint (single-tenant clusters only)
 
 
 class Settings(BaseModel):
@@ -62,10 +64,35 @@ class CacheDefaults(Settings):
 class PullDefaults(Settings):
 
     backoff_limit: int = 3                      # Job retries of transient failures (exit code 4)
-    endpoints: dict[str, str] = Field(default_factory=dict)   # source -> default mirror, e.g. gitee or hf-mirror
+    # source -> the endpoints pulls use when a resource names none, in order (default: the source's own hub)
+    endpoints: dict[Source, list[str]] = Field(default_factory=dict)
+    # source -> further endpoints a resource may name in spec.model.endpoint; ["*"]: any (single-tenant clusters)
+    allowed_endpoints: dict[Source, list[str]] = Field(default_factory=dict)
+    token_over_http: list[str] = Field(default_factory=list)   # http:// endpoints a token may be sent to
     proxy_secret: str | None = None             # cluster-wide default proxy Secret name
     resources: dict = Field(default_factory=lambda: {"requests": {"cpu": "100m", "memory": "256Mi"},
                                                       "limits": {"memory": "1Gi"}})
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def one_or_several(cls, value):
+        """A single URL per source is accepted (the chart's older form)."""
+        if isinstance(value, dict):
+            return {source: [urls] if isinstance(urls, str) else urls for source, urls in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def usable_urls(self):
+        from modeldeploy.endpoints import normalize
+
+        for urls in [*self.endpoints.values(), *self.allowed_endpoints.values(), self.token_over_http]:
+            for url in urls:
+                if url != ANY_ENDPOINT:
+                    try:
+                        normalize(url)
+                    except ValueError as error:
+                        raise ValueError(f"pull endpoint {url!r}: {error}") from None
+        return self
 
 
 class MonitoringDefaults(Settings):

@@ -10,11 +10,11 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from modeldeploy.api import KIND, ModelDeploymentSpec
+from modeldeploy.api import KIND, SpecError, name_problems, parse_spec
 from modeldeploy.build.cache import build_cache_pvc
 from modeldeploy.build.common import weights_key
 from modeldeploy.build.monitoring import build_pod_monitor
-from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
+from modeldeploy.build.pull_job import build_pull_job
 from modeldeploy.build.serving import build_deployment, build_service
 from modeldeploy.config import OperatorConfig, load_config
 
@@ -30,24 +30,19 @@ class RenderError(Exception):
     pass
 
 
-def parse_spec(body: dict) -> ModelDeploymentSpec:
-    try:
-        return ModelDeploymentSpec.model_validate(body.get("spec") or {})
-    except ValidationError as error:
-        problems = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        raise RenderError(problems) from None
-
-
 def render(body: dict, config: OperatorConfig, commit: str | None = None, pod_monitor: bool = False) -> list[dict]:
     if body.get("kind") != KIND:
         raise RenderError(f"expected kind {KIND}, got {body.get('kind')!r}")
     name = body.get("metadata", {}).get("name")
     if not name:
         raise RenderError("metadata.name is required")
-    spec = parse_spec(body)
-    if problems := spec.problems(config):
+    try:
+        spec = parse_spec(body)
+    except SpecError as error:
+        raise RenderError(str(error)) from None
+    if problems := name_problems(name) + spec.problems(config):
         raise RenderError("; ".join(problems))
-    key = weights_key(spec, pull_endpoint(spec, config))
+    key = weights_key(spec, config)
     # Before the pull, the commit is unknown unless the revision is one; the operator fills in the resolved one.
     pinned = commit or spec.model.revision
     objects = [build_cache_pvc(spec, config), build_pull_job(spec, config, key),

@@ -22,7 +22,8 @@ from modeldeploy.render import RenderError, render
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "modeldeploy.io_modeldeployments.yaml"
-CONFIG = OperatorConfig(registry="registry.example/md", operator_image="registry.example/md/modeldeploy:1")
+CONFIG = OperatorConfig(registry="registry.example/md", operator_image="registry.example/md/modeldeploy:1",
+                        pull={"allowedEndpoints": {"huggingface": ["https://hf-mirror.com"]}})
 
 
 def body(name="minilm", **spec) -> dict:
@@ -110,8 +111,13 @@ def test_pull_job_is_content_addressed_and_sees_only_its_own_token():
 def test_weights_key_ignores_serving_settings():
     base = ModelDeploymentSpec.model_validate({"model": {"id": "org/m"}})
     scaled = ModelDeploymentSpec.model_validate({"model": {"id": "org/m"}, "replicas": 9, "task": "text-generation"})
-    assert weights_key(base, None) == weights_key(scaled, None)
-    assert weights_key(base, None) != weights_key(base, "https://hf-mirror.com")
+    assert weights_key(base, CONFIG) == weights_key(scaled, CONFIG)
+    mirrored = OperatorConfig(pull={"endpoints": {"huggingface": "https://hf-mirror.com"}})
+    assert weights_key(base, CONFIG) != weights_key(base, mirrored)
+    for how_it_pulls in ({"model": {"id": "org/m", "tokenSecretRef": {"name": "other"}}},
+                         {"model": {"id": "org/m"}, "download": {"proxy": {"secretName": "egress"}}}):
+        # one Job must never carry one resource's token or proxy for another
+        assert weights_key(ModelDeploymentSpec.model_validate(how_it_pulls), CONFIG) != weights_key(base, CONFIG)
     name = pull_job_name(ModelDeploymentSpec.model_validate({"model": {"id": "org/" + "x" * 90}}), "0" * 12)
     assert len(name) <= 63 and name.endswith("0" * 12)
 
@@ -228,3 +234,10 @@ def test_events_name_their_model_deployment_and_stay_within_the_limit():
     assert (event["type"], event["reason"], len(event["message"])) == ("Warning", "NoSpace", 1024)
     assert event["firstTimestamp"] == event["lastTimestamp"] == "2026-11-25T12:00:00Z"
     assert build_event(owner, "Normal", "Ready", "", when)["message"] == "Ready"   # never empty
+
+
+def test_cache_claims_are_sized_with_headroom():
+    from modeldeploy.pull.sizing import claim_size
+
+    assert claim_size(90 * 2**20) == "1Gi"                       # at least 1Gi
+    assert claim_size(10 * 2**30) == "13Gi"                      # 25% headroom, rounded up

@@ -88,22 +88,3 @@ def test_exit_codes_separate_permanent_from_transient():
     assert exit_code(Reason.NETWORK) == exit_code(Reason.STALLED) == exit_code(Reason.RATE_LIMITED) == EXIT_TRANSIENT
     assert exit_code(Reason.NO_SPACE) == EXIT_NO_SPACE
     assert PullError(Reason.STALLED, "").retryable and not PullError(Reason.NOT_FOUND, "").retryable
-
-
-def test_cache_size_from_the_sizes_the_hub_lists():
-    from modeldeploy.pull.sizing import claim_size, listed_bytes
-    from tests.hubserver import HubServer, Repo
-    from tests.models import MINILM, minilm_dir
-
-    server = HubServer()
-    repo = server.add_repo(Repo.from_folder(MINILM, minilm_dir()))
-    server.start()
-    try:
-        everything = listed_bytes(server.url, MINILM, "main", None, False, None)
-        json_only = listed_bytes(server.url, MINILM, "main", ["*.json"], False, None)
-    finally:
-        server.stop()
-    assert everything == sum(f.size for f in repo.files.values())
-    assert json_only == sum(f.size for p, f in repo.files.items() if p.endswith(".json")) < everything
-    assert claim_size(everything) == "1Gi"                       # at least 1Gi
-    assert claim_size(10 * 2**30) == "13Gi"                      # 25% headroom, rounded up

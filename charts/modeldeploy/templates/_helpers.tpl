@@ -56,9 +56,6 @@ app.kubernetes.io/component: operator
   resources: [pods/log]
   verbs: [get]
 - apiGroups: [""]
-  resources: [secrets]
-  verbs: [get]
-- apiGroups: [""]
   resources: [events]
   verbs: [create, list]
 {{- if ne .Values.monitoring.podMonitors "never" }}

@@ -6,7 +6,9 @@ import hashlib
 import json
 import re
 
+from modeldeploy import endpoints
 from modeldeploy.api import ModelDeploymentSpec
+from modeldeploy.config import OperatorConfig
 
 LABEL_MDEP = "modeldeploy.io/model-deployment"
 LABEL_WEIGHTS = "modeldeploy.io/weights"
@@ -17,12 +19,17 @@ CACHE_MOUNT = "/cache"
 RUNTIME_UID = 65532
 
 
-def weights_key(spec: ModelDeploymentSpec, endpoint: str | None) -> str:
-    """Content address of a weight set: every ModelDeployment that needs the same files in the same cache shares
-    one pull Job (never keyed by a resource's UID, which would download the same model once per resource)."""
-    identity = {"cache": spec.cache.claim_name, "source": spec.model.source, "endpoint": endpoint or "",
-                "model": spec.model.id, "revision": spec.model.revision, "files": sorted(spec.model.files or []),
-                "pickle": spec.model.allow_pickle}
+def weights_key(spec: ModelDeploymentSpec, config: OperatorConfig) -> str:
+    """Content address of a pull: every ModelDeployment that needs the same files in the same cache, fetched the same
+    way (endpoints, token, proxy), shares one pull Job (never keyed by a resource's UID, which would download the
+    same model once per resource). Two resources that differ in how they pull get Jobs of their own: one Job must
+    not carry one resource's token or proxy for another."""
+    ref = spec.model.token_secret_ref
+    identity = {"cache": spec.cache.claim_name, "source": spec.model.source,
+                "endpoints": endpoints.pull_endpoints(spec, config), "model": spec.model.id,
+                "revision": spec.model.revision, "files": sorted(spec.model.files or []),
+                "pickle": spec.model.allow_pickle, "token": f"{ref.name}/{ref.key}" if ref else "",
+                "proxy": proxy_secret(spec, config) or ""}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -50,3 +57,7 @@ def restricted_container_security() -> dict:
 def restricted_pod_security() -> dict:
     return {"runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID,
             "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def proxy_secret(spec: ModelDeploymentSpec, config: OperatorConfig) -> str | None:
+    return spec.download.proxy.secret_name if spec.download.proxy else config.pull.proxy_secret

@@ -1,42 +1,37 @@
 from __future__ import annotations
 
+from modeldeploy import endpoints
 from modeldeploy.api import ModelDeploymentSpec
-from modeldeploy.build.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_WEIGHTS, MANAGED_BY, pull_job_name,
-                                      restricted_container_security, restricted_pod_security)
+from modeldeploy.build.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_WEIGHTS, MANAGED_BY, proxy_secret,
+                                      pull_job_name, restricted_container_security, restricted_pod_security)
 from modeldeploy.config import OperatorConfig
 from modeldeploy.pull.sources import SOURCES
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")
 
 
-def pull_endpoint(spec: ModelDeploymentSpec, config: OperatorConfig) -> str | None:
-    return spec.model.endpoint or config.pull.endpoints.get(spec.model.source)
-
-
 def build_pull_job(spec: ModelDeploymentSpec, config: OperatorConfig, key: str) -> dict:
     """The Job that fills the cache. Shared by every ModelDeployment with the same weights key, so owned by none.
     The pod gets no service-account token and sees only its own source's token Secret; it reports through its log
     (progress lines) and its termination message (the result)."""
-    endpoint = pull_endpoint(spec, config)
     args = ["pull", "--source", spec.model.source, "--model", spec.model.id, "--revision", spec.model.revision,
             "--cache-dir", CACHE_MOUNT, "--timeout", str(spec.download.timeout_seconds),
             "--retries", str(spec.download.retries), "--stall-timeout", str(spec.download.stall_seconds),
             "--deadline", str(max(60, spec.download.deadline_seconds - 30)), "--progress-interval", "5"]
-    if spec.model.files:
-        args += ["--files", *spec.model.files]
     if spec.model.allow_pickle:
         args.append("--allow-pickle")
-    if endpoint:
+    for endpoint in endpoints.pull_endpoints(spec, config):
         args += ["--endpoint", endpoint]
+    if spec.model.files:   # after "--": whatever a pattern says, it is never an option
+        args += ["--", *spec.model.files]
 
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
     if spec.model.token_secret_ref:
         ref = spec.model.token_secret_ref
         env.append({"name": SOURCES[spec.model.source].token_env,
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    proxy_secret = spec.download.proxy.secret_name if spec.download.proxy else config.pull.proxy_secret
-    if proxy_secret:
-        env += [{"name": v, "valueFrom": {"secretKeyRef": {"name": proxy_secret, "key": v, "optional": True}}}
+    if proxy := proxy_secret(spec, config):
+        env += [{"name": v, "valueFrom": {"secretKeyRef": {"name": proxy, "key": v, "optional": True}}}
                 for v in PROXY_VARIABLES]
 
     labels = {**MANAGED_BY, "app.kubernetes.io/component": "pull", LABEL_WEIGHTS: key}

@@ -5,7 +5,6 @@ of its children does (a pull Job finishing, a Deployment's pods turning ready), 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -14,20 +13,20 @@ import kopf
 from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
-from modeldeploy.api import GROUP, PLURAL, VERSION, ModelDeploymentSpec
+from modeldeploy import endpoints
+from modeldeploy.api import GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, name_problems, parse_spec
 from modeldeploy.build.cache import build_cache_pvc
 from modeldeploy.build.common import LABEL_MDEP, LABEL_WEIGHTS, pull_job_name, weights_key
 from modeldeploy.build.monitoring import POD_MONITOR_API, build_pod_monitor
-from modeldeploy.build.pull_job import build_pull_job, pull_endpoint
+from modeldeploy.build.pull_job import build_pull_job
 from modeldeploy.build.serving import build_deployment, build_service, server_selector
 from modeldeploy.config import OperatorConfig
 from modeldeploy.pull.sizing import claim_size
-from modeldeploy.pull.sources import SOURCES
 from modeldeploy.reconcile import events, metrics
 from modeldeploy.reconcile.children import Apis, apply, create_if_absent, last_progress, pull_state, read_or_none
+from modeldeploy.reconcile.hub_sizes import PENDING
 from modeldeploy.reconcile.status import (AVAILABLE, CACHE_READY, READY, STALLED, WEIGHTS_READY, Observation,
                                           status_patch)
-from modeldeploy.render import RenderError, parse_spec
 
 log = logging.getLogger("modeldeploy.operator")
 MDEP = (GROUP, VERSION, PLURAL)
@@ -53,8 +52,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 # -- indexes: which ModelDeployments a child concerns ----------------------------------------------------------------
 @kopf.index(*MDEP)
 def by_weights(namespace, name, body, memo, **_):
-    spec = parse_or_none(body)
-    return {(namespace, weights_key(spec, pull_endpoint(spec, memo.config))): name} if spec else None
+    key = key_or_none(body, memo.config)
+    return {(namespace, key): name} if key else None
 
 
 @kopf.index(*MDEP)
@@ -73,7 +72,7 @@ def on_change(body, memo, **_):
     if observation.stalled and observation.stalled[0] == "InvalidSpec":
         raise kopf.PermanentError(observation.stalled[1])
     if observation.retry:
-        raise kopf.TemporaryError(observation.retry, delay=15)
+        raise kopf.TemporaryError(observation.retry, delay=observation.retry_delay)
 
 
 # Download progress lives in the pull pod's log, which makes no events: a background loop refreshes the
@@ -121,15 +120,13 @@ def on_gone(type, body, namespace, name, memo, **_):
     if type != "DELETED":
         return
     memo.phases.record(namespace, name, None)
-    if (spec := parse_or_none(body)) is None:
+    if (key := key_or_none(body, memo.config)) is None:
         return
-    key = weights_key(spec, pull_endpoint(spec, memo.config))
     apis: Apis = memo.apis
     for item in apis.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
-        other = parse_or_none(item)
-        if other is not None and weights_key(other, pull_endpoint(other, memo.config)) == key:
+        if key_or_none(item, memo.config) == key:
             return
-    job = pull_job_name(spec, key)
+    job = pull_job_name(parse_spec(dict(body)), key)
     try:
         apis.batch.delete_namespaced_job(job, namespace, propagation_policy="Background")
         log.info("mdep %s/%s: deleted pull job %s (no other user)", namespace, name, job)
@@ -174,8 +171,16 @@ def read_live(apis: Apis, namespace: str, name: str) -> dict | None:
 def parse_or_none(body) -> ModelDeploymentSpec | None:
     try:
         return parse_spec(dict(body))
-    except RenderError:
+    except SpecError:
         return None
+
+
+def key_or_none(body, config: OperatorConfig) -> str | None:
+    """The weights key of a resource that may pull (None for one the operator refuses)."""
+    spec = parse_or_none(body)
+    if spec is None or spec.problems(config) or name_problems(body["metadata"]["name"]):
+        return None
+    return weights_key(spec, config)
 
 
 # -- the reconcile ----------------------------------------------------------------------------------------------------
@@ -231,8 +236,8 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     name, namespace = meta["name"], meta["namespace"]
     try:
         spec = parse_spec(dict(body))
-        problems = spec.problems(config)
-    except RenderError as error:
+        problems = name_problems(name) + spec.problems(config)
+    except SpecError as error:
         problems = [str(error)]
     if problems:
         o.stalled = ("InvalidSpec", "; ".join(problems))
@@ -244,7 +249,11 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     # 1. the shared cache
     claim = read_or_none(apis.core.read_namespaced_persistent_volume_claim, spec.cache.claim_name, namespace)
     if claim is None:
-        size, why = estimated_cache_size(spec, config, apis, namespace)
+        size, why = estimated_cache_size(spec, config, apis)
+        if size is PENDING:
+            o.cache = (False, "Sizing", f"asking the hub for the sizes of {spec.model.id}'s files{why}")
+            o.retry, o.retry_delay = o.cache[2], 2
+            return
         create_if_absent(apis.core.create_namespaced_persistent_volume_claim, namespace,
                          build_cache_pvc(spec, config, size))
         o.cache = (False, "Creating", f"creating PVC {spec.cache.claim_name}{why}")
@@ -260,19 +269,19 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
         return
     o.cache = (True, "Bound", f"PVC {spec.cache.claim_name} is bound ({o.fields['cache']['capacity']})")
 
-    # 2. the weights
-    try:
-        token = token_from_secret(apis, namespace, spec.model.token_secret_ref)
-    except LookupError as error:
-        o.weights = (False, "SecretNotFound", f"{error}; the pull waits for it")
-        o.retry = str(error)
-        return
-    key = weights_key(spec, pull_endpoint(spec, config))
+    # 2. the weights. The operator never reads the token Secret: the pull pod gets it through secretKeyRef, and a
+    # missing one shows as the pod's CreateContainerConfigError, which the pull state names.
+    key = weights_key(spec, config)
     job_name = pull_job_name(spec, key)
     o.fields.update(weightsKey=key)
     job = read_or_none(apis.batch.read_namespaced_job, job_name, namespace)
     if job is None:
-        if too_small := cache_too_small(spec, config, apis, token, o.fields["cache"]["capacity"]):
+        too_small = cache_too_small(spec, config, apis, o.fields["cache"]["capacity"])
+        if too_small is PENDING:
+            o.weights = (False, "Sizing", f"asking the hub for the sizes of {spec.model.id}'s files")
+            o.retry, o.retry_delay = o.weights[2], 2
+            return
+        if too_small:
             o.weights = (False, "NoSpace", too_small)
             o.stalled = ("NoSpace", too_small)
             return
@@ -335,47 +344,38 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
                        f"{ready}/{wanted} replicas ready" + pod_problem(apis, namespace, name))
 
 
-def cache_too_small(spec, config: OperatorConfig, apis: Apis, token: str | None,
-                    capacity: str | None) -> str | None:
+def cache_too_small(spec, config: OperatorConfig, apis: Apis, capacity: str | None):
     """Before a pull: a message when the hub lists more bytes for the selected files than the cache PVC holds in
-    all (what other models already use there is the puller's own check, on the mounted volume)."""
+    all (what other models already use there is the puller's own check, on the mounted volume); PENDING while the
+    hub is being asked."""
     if not capacity:
         return None
-    needed = hub_listed_bytes(spec, config, apis, token)
+    needed = hub_listed_bytes(spec, config, apis)
+    if needed is PENDING or needed is None:
+        return needed
     holds = int(parse_quantity(capacity))
-    if needed is None or needed <= holds:
+    if needed <= holds:
         return None
     return (f"the cache PVC {spec.cache.claim_name} holds {capacity} but the hub lists {needed / 2**20:.0f} MiB for "
             f"{spec.model.id}'s selected files: use a larger cache (spec.cache) or fewer files (spec.model.files)")
 
 
-def token_from_secret(apis: Apis, namespace: str, ref) -> str | None:
-    """The hub token a tokenSecretRef names (None without a ref); LookupError saying what is missing."""
-    if ref is None:
-        return None
-    secret = read_or_none(apis.core.read_namespaced_secret, ref.name, namespace)
-    if secret is None:
-        raise LookupError(f"Secret {ref.name} not found")
-    if ref.key not in (secret.data or {}):
-        raise LookupError(f"Secret {ref.name} has no key {ref.key}")
-    return base64.b64decode(secret.data[ref.key]).decode().strip()
+def hub_listed_bytes(spec, config: OperatorConfig, apis: Apis):
+    """What the first endpoint of the pull lists, asked without a token (a gated repository's sizes stay unknown:
+    the pull pod, which holds the token, checks space itself)."""
+    model = spec.model
+    return apis.hub_sizes.selected_bytes(endpoints.pull_endpoints(spec, config)[0], model.id, model.revision,
+                                         model.files, model.allow_pickle)
 
 
-def hub_listed_bytes(spec, config: OperatorConfig, apis: Apis, token: str | None) -> int | None:
-    return apis.hub_sizes.selected_bytes(spec, pull_endpoint(spec, config) or SOURCES[spec.model.source].endpoint,
-                                         token)
-
-
-def estimated_cache_size(spec, config: OperatorConfig, apis: Apis, namespace: str) -> tuple[str | None, str]:
-    """For a PVC the user did not size: the selected files' sizes as the hub lists them, with headroom. When the
-    hub cannot be asked (unreachable from the operator, token missing), the configured default size."""
+def estimated_cache_size(spec, config: OperatorConfig, apis: Apis):
+    """For a PVC the user did not size: the selected files' sizes as the hub lists them, with headroom; the
+    configured default when the hub does not tell; PENDING while it is being asked."""
     if spec.cache.size:
         return None, ""
-    try:
-        nbytes = hub_listed_bytes(spec, config, apis,
-                                  token_from_secret(apis, namespace, spec.model.token_secret_ref))
-    except LookupError:   # the token Secret is missing: the weights step says so
-        nbytes = None
+    nbytes = hub_listed_bytes(spec, config, apis)
+    if nbytes is PENDING:
+        return PENDING, ""
     if nbytes is None:
         return None, f" ({config.cache.size}, the default: the hub did not list the files' sizes)"
     size = claim_size(nbytes)
@@ -416,7 +416,7 @@ def latest_event(apis: Apis, namespace: str, kind: str, name: str) -> str | None
     return found[-1].message if found else None
 
 
-PROGRESS_REASONS = {"Waiting", "Creating", "Pulling", "RollingOut", "ReplicasNotReady", "Ready", "Progressing"}
+PROGRESS_REASONS = {"Waiting", "Creating", "Sizing", "Pulling", "RollingOut", "ReplicasNotReady", "Ready", "Progressing"}
 
 
 def write_status(apis: Apis, body, observation: Observation, previous: list[dict]) -> dict | None:

@@ -1,56 +1,156 @@
-"""The sizes a hub lists for a model's selected files, asked once and remembered. Reconciles repeat (each child event,
-each progress refresh) and an unreachable hub costs huggingface_hub's retries, about 24 s a lookup. Sizing is a
-courtesy, so an endpoint that cannot be reached is left alone for a while, for every model on it."""
+"""The sizes a hub lists for a model's selected files, for sizing a new cache PVC and the courtesy space check before
+a pull. Sizing is a courtesy: the pull pod checks free space itself, with the token. So the operator asks without a
+token, only endpoints the admin allows (the spec was checked before), and never waits for an answer: a lookup runs
+on a loop of its own, bounded in time, bytes and pages, and until it ends the caller hears `PENDING`. A hub that
+accepts connections and never answers costs a pending coroutine, not a reconcile worker."""
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import json
 import logging
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+from urllib.parse import quote, urljoin, urlsplit
 
-from huggingface_hub.errors import HfHubHTTPError
+import aiohttp
 
-from modeldeploy.pull.sizing import listed_bytes
+from modeldeploy.pull.selection import select
 
 log = logging.getLogger("modeldeploy.operator")
 
-LISTING_SECONDS = 600        # how long a listing (or a hub's refusal) is trusted: a branch can move
-UNREACHABLE_SECONDS = 300    # how long an endpoint that could not be reached is not asked again
+LISTING_SECONDS = 600        # how long an answer (sizes, or "the hub does not tell") is trusted: a branch can move
+UNREACHABLE_SECONDS = 300    # how long an endpoint that did not answer is not asked again
+TIMEOUT_SECONDS = 10.0       # a whole lookup, every page
+MAX_BYTES = 8 * 2**20        # of listing JSON, every page
+MAX_PAGES = 20
+MAX_CONCURRENT = 16          # lookups in flight, all endpoints
+
+
+class Pending:
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = Pending()          # a lookup is under way: ask again in a moment
+
+
+@dataclass(frozen=True)
+class Query:
+    endpoint: str
+    repo_id: str
+    revision: str
+    files: tuple[str, ...] | None
+    allow_pickle: bool
+
+
+Lister = Callable[[aiohttp.ClientSession, Query], Awaitable[int | None]]
+
+
+async def list_selected_bytes(session: aiohttp.ClientSession, query: Query) -> int | None:
+    """Bytes of the selected files; None when the hub answers but does not tell: an unknown model or revision, a
+    gated repository (no token is sent), a listing too large or not a hub's. Raises only when the endpoint itself
+    does not answer (connection refused, timeout)."""
+    url = (f"{query.endpoint}/api/models/{quote(query.repo_id, safe='/')}/tree/{quote(query.revision, safe='')}"
+           "?recursive=true")
+    origin = urlsplit(query.endpoint)[:2]
+    sizes: dict[str, int] = {}
+    budget = MAX_BYTES
+    for _ in range(MAX_PAGES):
+        # No redirects: an allowed endpoint must not send the operator on to an address nobody allowed.
+        async with session.get(url, allow_redirects=False) as response:
+            if response.status != 200:
+                return refused(query, f"HTTP {response.status}")
+            body = b""
+            async for chunk in response.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > budget:
+                    return refused(query, f"a listing larger than {MAX_BYTES} bytes")
+            budget -= len(body)
+            link = response.links.get("next")
+        try:
+            entries = json.loads(body)
+            sizes.update({e["path"]: int(e["size"]) for e in entries if e.get("type") == "file"})
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            return refused(query, f"not a hub's listing ({error})")
+        if not link:
+            try:
+                return sum(sizes[p] for p in select(sorted(sizes), list(query.files) if query.files else None,
+                                                    [], query.allow_pickle))
+            except Exception as error:      # nothing selected, an unsafe name: the pull says what is wrong
+                return refused(query, str(error))
+        url = urljoin(url, str(link["url"]))
+        if urlsplit(url)[:2] != origin:
+            return refused(query, "a next page on another host")
+    return refused(query, f"more than {MAX_PAGES} pages")
+
+
+def refused(query: Query, why: str) -> None:
+    log.info("hub %s lists no sizes for %s@%s: %s", query.endpoint, query.repo_id, query.revision, why[:200])
+    return None
 
 
 class HubSizes:
-    def __init__(self, clock: Callable[[], float] = time.monotonic, lister: Callable[..., int] = listed_bytes):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, lister: Lister = list_selected_bytes,
+                 timeout: float = TIMEOUT_SECONDS):
         self.clock = clock
         self.lister = lister
-        self.listings: dict[tuple, tuple[float, int | None]] = {}     # key -> (when, bytes or None)
-        self.unreachable: dict[str, float] = {}                       # endpoint -> since when
+        self.timeout = timeout
+        self.answers: dict[Query, tuple[float, int | None]] = {}     # query -> (when, bytes or None)
+        self.running: set[Query] = set()
+        self.unreachable: dict[str, float] = {}                      # endpoint -> since when
         self.lock = threading.Lock()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.slots: asyncio.Semaphore | None = None
 
-    def selected_bytes(self, spec, endpoint: str, token: str | None) -> int | None:
-        """Bytes of the selected files; None when the hub cannot tell (unreachable, refused, unknown model): the
-        pull itself then reports what is wrong."""
-        model = spec.model
-        key = (endpoint, model.id, model.revision, tuple(model.files or ()), model.allow_pickle,
-               hashlib.sha256(token.encode()).hexdigest() if token else None)    # another token may see more
+    def selected_bytes(self, endpoint: str, repo_id: str, revision: str, files: list[str] | None,
+                       allow_pickle: bool) -> int | None | Pending:
+        """Bytes of the selected files if known; None if the hub will not tell (or cannot be reached); PENDING
+        while a lookup runs (it ends within the timeout)."""
+        query = Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle)
         now = self.clock()
         with self.lock:
             if now - self.unreachable.get(endpoint, -UNREACHABLE_SECONDS) < UNREACHABLE_SECONDS:
                 return None
-            if key in self.listings and now - self.listings[key][0] < LISTING_SECONDS:
-                return self.listings[key][1]
+            if query in self.answers and now - self.answers[query][0] < LISTING_SECONDS:
+                return self.answers[query][1]
+            if query not in self.running:
+                self.running.add(query)
+                asyncio.run_coroutine_threadsafe(self._look_up(query), self._loop())
+        return PENDING
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name="hub-sizes", daemon=True).start()
+        return self.loop
+
+    async def _look_up(self, query: Query) -> None:
+        if self.session is None:
+            # No proxy variables, no cookies, no credentials of any kind: the operator asks as nobody.
+            self.session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                                 timeout=aiohttp.ClientTimeout(total=self.timeout))
+            self.slots = asyncio.Semaphore(MAX_CONCURRENT)
+        answer: int | None = None
         try:
-            nbytes = self.lister(endpoint, model.id, model.revision, model.files, model.allow_pickle, token)
-        except HfHubHTTPError as error:     # the hub answered: unknown model or revision, token refused, ...
-            log.info("the hub %s lists no sizes for %s (%s)", endpoint, model.id, str(error).splitlines()[0][:200])
-            nbytes = None
-        except Exception as error:          # no answer at all: the endpoint is unreachable from the operator
-            log.info("hub %s unreachable (%s: %s); cache sizing skips it for %d s", endpoint, type(error).__name__,
-                     str(error)[:200], UNREACHABLE_SECONDS)
+            async with asyncio.timeout(self.timeout):
+                async with self.slots:
+                    answer = await self.lister(self.session, query)
+        except Exception as error:      # no answer at all: a timeout, a refused connection
+            log.info("hub %s did not answer a listing of %s (%s: %s); cache sizing skips it for %d s",
+                     query.endpoint, query.repo_id, type(error).__name__, str(error)[:200], UNREACHABLE_SECONDS)
             with self.lock:
-                self.unreachable[endpoint] = self.clock()
-            return None
-        with self.lock:
-            self.listings[key] = (self.clock(), nbytes)
-        return nbytes
+                self.unreachable[query.endpoint] = self.clock()
+        finally:
+            with self.lock:
+                self.answers[query] = (self.clock(), answer)
+                self.running.discard(query)
+
+    def wait(self, timeout: float) -> None:
+        """Until no lookup runs (for tests and benchmarks that want the answer, not PENDING)."""
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.02)

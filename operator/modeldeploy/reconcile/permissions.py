@@ -18,7 +18,6 @@ RULES: list[tuple[str, str, tuple[str, ...]]] = [
     ("", "persistentvolumeclaims", ("get", "list", "watch", "create")),
     ("", "pods", ("list",)),                 # the pull Job's pods (termination message) and the servers' (why not ready)
     ("", "pods/log", ("get",)),              # pull progress: the pull pods hold no API token, they print it
-    ("", "secrets", ("get",)),               # does the token Secret exist and have its key (never list or watch)
     ("", "events", ("create", "list")),      # the operator and kopf post Events; a PVC's latest one says why it waits
 ]
 # Only used when the Prometheus Operator's CRDs are installed (see monitoring); not checked at start-up.

@@ -26,6 +26,7 @@ class Observation:
     stalled: tuple[str, str] | None = None           # (reason, message): cannot progress without a change
     fields: dict = field(default_factory=dict)        # other status fields (resolvedRevision, download, ...)
     retry: str | None = None                          # waiting on something outside the spec: look again soon
+    retry_delay: float = 15                           # seconds until then
 
 
 def merge_condition(previous: list[dict], kind: str, ok: bool | None, reason: str, message: str,
