@@ -29,11 +29,11 @@ from kubernetes import client, config
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from modeldeploy.api import parse_spec  # noqa: E402
 from modeldeploy.build.cache import build_cache_pvc  # noqa: E402
 from modeldeploy.build.common import weights_key  # noqa: E402
-from modeldeploy.build.pull_job import build_pull_job, pull_endpoint  # noqa: E402
+from modeldeploy.build.pull_job import build_pull_job  # noqa: E402
 from modeldeploy.config import OperatorConfig  # noqa: E402
-from modeldeploy.render import parse_spec  # noqa: E402
 from tests.hubserver import HubServer, Repo, RepoFile  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def floor(api: client.ApiClient, count: int, operator_config: OperatorConfig) ->
         if i == 0:
             core.create_namespaced_persistent_volume_claim(namespace, build_cache_pvc(spec, operator_config))
         batch.create_namespaced_job(namespace, build_pull_job(spec, operator_config,
-                                                              weights_key(spec, pull_endpoint(spec, operator_config))))
+                                                              weights_key(spec, operator_config)))
     elapsed = time.perf_counter() - started
     core.delete_namespace(namespace)
     return elapsed

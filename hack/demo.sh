@@ -38,7 +38,8 @@ kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/d
   --set image.repository=localhost/modeldeploy --set image.tag=dev --set image.pullPolicy=Never \
   --set config.imagePullPolicy=Never \
   --set config.profiles.cpu.images.builtin=localhost/modeldeploy-runtime-cpu:dev \
-  --set "watchNamespaces={$NS}" 2>/dev/null | sed -n '1,4p'
+  --set "watchNamespaces={$NS}" \
+  --set-json "config.pull.allowedEndpoints={\"huggingface\": [\"$endpoint\"]}" 2>/dev/null | sed -n '1,4p'
 
 step "kubectl apply a ModelDeployment (CPU profile, 2 replicas)"
 kubectl -n "$NS" apply -f - <<YAML
@@ -49,7 +50,7 @@ metadata:
 spec:
   model:
     id: $MODEL
-    endpoint: $endpoint     # the local hub; without this line: https://huggingface.co
+    endpoint: $endpoint     # the local hub (allowed by the chart value above); without this line: huggingface.co
   task: feature-extraction
   accelerator: {profile: cpu}
   replicas: 2

@@ -85,15 +85,17 @@ class ServeProcess:
 
 
 @contextlib.contextmanager
-def operator_process(kubeconfig: str, namespace: str, workdir: Path, config_yaml: str):
-    """`modeldeploy operator` watching one namespace, as a process; prints its log tail afterwards."""
+def operator_process(kubeconfig: str, namespace: str | list[str], workdir: Path, config_yaml: str):
+    """`modeldeploy operator` watching one namespace (or several), as a process; prints its log tail afterwards."""
     import sys
 
+    watched = [arg for ns in ([namespace] if isinstance(namespace, str) else namespace)
+               for arg in ("--namespace", ns)]
     config = workdir / "operator.yaml"
     config.write_text(config_yaml)
     log_path = workdir / "operator.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", "--namespace", namespace,
+        process = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", *watched,
                                     "--config", str(config), "--health-port", "0", "--metrics-port", "0"],
                                    stdout=log, stderr=subprocess.STDOUT,
                                    env={"KUBECONFIG": kubeconfig, "PATH": "/usr/bin:/bin"})

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import urllib.request
+import uuid
 
 import numpy as np
 import pytest
 import yaml
+from aiohttp import web
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,9 +28,27 @@ RELEASE = "md"
 TEXTS = ["A man is eating food.", "The new movie is awesome", "模型部署"]
 
 
+class RecordingHub(HubServer):
+    """The local hub, noting which address sent which Authorization header."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, str | None]] = []      # (client address, Authorization)
+
+    def app(self) -> web.Application:
+        @web.middleware
+        async def record(request, handler):
+            self.seen.append((request.remote, request.headers.get("Authorization")))
+            return await handler(request)
+
+        app = super().app()
+        app.middlewares.append(record)
+        return app
+
+
 @pytest.fixture(scope="module")
 def hub(kubeconfig):
-    server = HubServer()
+    server = RecordingHub()
     server.add_repo(Repo.from_folder(MINILM, minilm_dir()))
     server.start(host=NODE_ADDRESS)
     yield server
@@ -61,14 +81,18 @@ def test_helm_install_to_an_answered_request_and_clean_removal(api_client, kubec
                      "--set", f"image.repository={operator_repo}", "--set", f"image.tag={operator_tag}",
                      "--set", "image.pullPolicy=Never", "--set", "config.imagePullPolicy=Never",
                      "--set", f"config.profiles.cpu.images.builtin={images['runtime-cpu']}",
-                     "--set", f"watchNamespaces={{{namespace}}}", "--wait", "--timeout", "3m")
+                     "--set", f"watchNamespaces={{{namespace}}}",
+                     # the local hub: an endpoint the admin allows, over plain http, tokens included
+                     "--set-json", f'config.pull.allowedEndpoints={{"huggingface": ["{hub.url}"]}}',
+                     "--set-json", f'config.pull.tokenOverHttp=["{hub.url}"]',
+                     "--wait", "--timeout", "3m")
     assert installed.returncode == 0, installed.stderr + kubectl(
         kubeconfig, "-n", namespace, "logs", f"deploy/{RELEASE}-modeldeploy", "--tail=30").stdout
     assert "kubectl wait mdep/minilm --for=condition=Ready" in installed.stdout        # NOTES.txt
     operator = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/component=operator").items[0]
     service_account = f"system:serviceaccount:{namespace}:{operator.spec.service_account_name}"
-    # Its RBAC is the chart's namespaced Role: nothing cluster-wide, no listing of Secrets.
-    for verb, resource, where, allowed in (("get", "secrets", namespace, "yes"), ("list", "secrets", namespace, "no"),
+    # Its RBAC is the chart's namespaced Role: nothing cluster-wide, no Secrets at all.
+    for verb, resource, where, allowed in (("get", "secrets", namespace, "no"), ("list", "secrets", namespace, "no"),
                                            ("create", "deployments", "default", "no"),
                                            ("create", "jobs", namespace, "yes")):
         answer = kubectl(kubeconfig, "auth", "can-i", verb, resource, "-n", where, f"--as={service_account}")
@@ -123,6 +147,28 @@ def test_helm_install_to_an_answered_request_and_clean_removal(api_client, kubec
     assert ready[0].value == 1
     assert sum(s.value for s in samples(operator_metrics, "modeldeploy_operator_reconciles_total")
                if s.labels["result"] == "ok") > 0
+
+    # A user names an unrelated Secret as the hub token. The operator cannot read it (no RBAC) and never sends a
+    # Secret value anywhere; the pull pod, in the user's namespace, sends what the user named - to the allowed hub.
+    password = f"db-{uuid.uuid4().hex}"
+    core.create_namespaced_secret(namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="db-credentials"),
+                                                             string_data={"password": password}))
+    with_token = yaml.safe_load(yaml.safe_dump(manifest))
+    with_token["metadata"]["name"] = "with-token"
+    with_token["spec"]["replicas"] = 0
+    with_token["spec"]["model"]["tokenSecretRef"] = {"name": "db-credentials", "key": "password"}
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, with_token)
+    waited = kubectl(kubeconfig, "-n", namespace, "wait", "mdep/with-token", "--for=condition=WeightsReady",
+                     "--timeout=180s", timeout=200)
+    assert waited.returncode == 0, waited.stderr
+    pull_pods = {p.status.pod_ip for p in core.list_namespaced_pod(
+        namespace, label_selector="app.kubernetes.io/component=pull").items}
+    operator_ip = operator.status.pod_ip
+    assert [auth for ip, auth in hub.seen if ip == operator_ip] and \
+        not [auth for ip, auth in hub.seen if ip == operator_ip and auth]     # it asked, without any token
+    sent = {ip for ip, auth in hub.seen if auth and password in auth}
+    assert sent and sent <= pull_pods, (sent, pull_pods, operator_ip)
+    assert kubectl(kubeconfig, "-n", namespace, "delete", "mdep/with-token").returncode == 0
 
     # Deleting the ModelDeployment takes its Deployment, Service and (last user gone) the pull Job; the cache stays.
     deleted = kubectl(kubeconfig, "-n", namespace, "delete", f"mdep/{name}", "--timeout=60s")

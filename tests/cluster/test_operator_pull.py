@@ -48,10 +48,11 @@ def hub(kubeconfig):   # the bridge address exists once the cluster runs
 
 
 @pytest.fixture
-def operator(kubeconfig, crd, namespace, images, tmp_path):  # noqa: F811
+def operator(kubeconfig, crd, namespace, images, hub, tmp_path):  # noqa: F811
     config = (f"registry: localhost\noperatorImage: {images['operator']}\nimagePullPolicy: Never\n"
               f"profiles: {{cpu: {{images: {{builtin: {images['runtime-cpu']}}}}}}}\n"
-              f"monitoring: {{discoveryIntervalSeconds: 1}}\n")
+              f"monitoring: {{discoveryIntervalSeconds: 1}}\n"
+              f"pull: {{allowedEndpoints: {{huggingface: ['{hub.url}']}}, tokenOverHttp: ['{hub.url}']}}\n")
     with operator_process(kubeconfig, namespace, tmp_path, config) as process:
         yield process
 
@@ -177,9 +178,10 @@ def test_bad_inputs_that_only_the_hub_can_reveal(api_client, namespace, operator
     assert len(jobs) == 2 and not any("minilm" in j for j in jobs)   # the small cache started no pull
 
 
-def in_process_memo(api_client) -> kopf.Memo:
+def in_process_memo(api_client, hub) -> kopf.Memo:
     """What the operator's start-up puts in kopf's memo, for reconciles run in the test's own thread."""
-    return kopf.Memo(apis=Apis.create(api_client), config=OperatorConfig(), phases=metrics.PhaseBook())
+    config = OperatorConfig(pull={"allowedEndpoints": {"huggingface": [hub.url]}})
+    return kopf.Memo(apis=Apis.create(api_client), config=config, phases=metrics.PhaseBook())
 
 
 def test_a_reconcile_outside_kopf_handlers_posts_its_events(api_client, namespace, crd, hub):  # noqa: F811
@@ -187,7 +189,7 @@ def test_a_reconcile_outside_kopf_handlers_posts_its_events(api_client, namespac
     found once lost its Event). Here the reconcile runs in the test's own thread, as the refresher's does: the
     cache's Normal Event and the stall's Warning Event both reach the API."""
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
-    memo = in_process_memo(api_client)
+    memo = in_process_memo(api_client, hub)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(
         "small", model={"id": MINILM, "endpoint": hub.url}, cache={"claimName": "tiny", "size": "10Mi"}))
 
@@ -207,13 +209,15 @@ def test_two_reconciles_of_one_read_write_and_post_once(api_client, namespace, c
     again and has nothing new to post. (Before, both wrote and both posted: doubled Events, and an older observation
     could overwrite a newer status.) The trustRemoteCode warning comes once per generation, through the same write."""
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
-    memo = in_process_memo(api_client)
+    memo = in_process_memo(api_client, hub)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(
         "twice", model={"id": MINILM, "endpoint": hub.url}, cache={"claimName": "tiny", "size": "10Mi"},
         runtime={"trustRemoteCode": True}))
     reconcile_by_name(memo, namespace, "twice")       # creates the cache PVC
     wait_for(lambda: core.read_namespaced_persistent_volume_claim("tiny", namespace).status.phase == "Bound", 60,
              "the cache PVC to bind")
+    memo.apis.hub_sizes.selected_bytes(hub.url, MINILM, "main", None, False)   # the space check's answer, in advance
+    memo.apis.hub_sizes.wait(30)
     conflicts = REGISTRY.get_sample_value("modeldeploy_operator_reconciles_total", {"result": "conflict"}) or 0
     read = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "twice")
     for _ in range(2):

@@ -14,7 +14,8 @@ from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
 from modeldeploy import endpoints
-from modeldeploy.api import GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, name_problems, parse_spec
+from modeldeploy.api import (GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, name_problems,
+                             parse_spec)
 from modeldeploy.build.cache import build_cache_pvc
 from modeldeploy.build.common import LABEL_MDEP, LABEL_WEIGHTS, pull_job_name, weights_key
 from modeldeploy.build.monitoring import POD_MONITOR_API, build_pod_monitor
