@@ -70,6 +70,7 @@ class Repo:
     branches: dict[str, str]
     token: str | None = None      # when set, requests need `Authorization: Bearer <token>`
     gated: bool = False            # 401 GatedRepo (instead of RepoNotFound) for requests without the token
+    info_sha: str | None = None    # what repo info answers as "sha" (a misbehaving mirror); None: the commit
 
     @classmethod
     def from_folder(cls, repo_id: str, folder: Path, **kwargs) -> "Repo":
@@ -245,7 +246,8 @@ class HubServer:
                 if f.is_lfs and self.flavor.lfs_metadata:
                     sibling["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": len(f.pointer)}
             siblings.append(sibling)
-        return web.json_response({"id": repo.repo_id, "modelId": repo.repo_id, "sha": commit, "private": bool(repo.token),
+        sha = commit if repo.info_sha is None else repo.info_sha
+        return web.json_response({"id": repo.repo_id, "modelId": repo.repo_id, "sha": sha, "private": bool(repo.token),
                                   "gated": "manual" if repo.gated else False, "siblings": siblings})
 
     async def tree(self, request: web.Request) -> web.Response:

@@ -171,7 +171,7 @@ def test_the_deadline_stops_a_slow_pull(hub, tmp_path):
 
 
 @pytest.mark.parametrize("args,repo,reason", [
-    (["--files", "*.gguf"], MINILM, "NoFilesSelected"),
+    (["--", "*.gguf"], MINILM, "NoFilesSelected"),
     ([], "nobody/no-such-model", "NotFound"),
     (["--revision", "no-such-branch"], MINILM, "NotFound"),
 ], ids=["no-file-matches", "missing-repo", "missing-revision"])
@@ -246,10 +246,15 @@ def test_a_cache_too_small_is_reported_before_downloading(hub, tmp_path):
 
 @pytest.mark.parametrize("args", [["--model", "no-slash"], ["--model", "a/../b"],
                                   ["--checksum", "config.json=abc"], ["--timeout", "0"]])
-def test_malformed_arguments_are_usage_errors(tmp_path, args):
-    done = subprocess.run([sys.executable, "-m", "modeldeploy", "pull", "--cache-dir", str(tmp_path),
-                           "--model", "a/b", *args], capture_output=True, text=True)
-    assert done.returncode == 2 and "error:" in done.stderr
+def test_malformed_arguments_are_permanent_failures_with_a_reason(tmp_path, args):
+    """The operator reads a reason, not argparse's exit 2 (tests/test_pull_adversarial.py has the whole list)."""
+    done = subprocess.run([sys.executable, "-m", "modeldeploy", "pull", "--cache-dir", str(tmp_path / "cache"),
+                           "--termination-log", str(tmp_path / "termination-log"), "--model", "a/b", *args],
+                          capture_output=True, text=True)
+    assert done.returncode == 3 and "error:" in done.stderr
+    failed = json.loads(done.stdout.splitlines()[-1])
+    assert failed["reason"] == "InvalidArguments" and failed["retryable"] is False
+    assert json.loads((tmp_path / "termination-log").read_text()) == failed
 
 
 def test_racing_pulls_download_once(hub, tmp_path):

@@ -1,4 +1,5 @@
-"""The puller's pure pieces: file selection, path safety, integrity checks, error classification."""
+"""The puller's pure pieces: file selection, path safety, names (ids, revisions, patterns), completion markers,
+confinement of refs and snapshot paths, integrity checks, error classification."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import struct
 
 import pytest
 
+from modeldeploy import cache_layout
+from modeldeploy.pull import names
 from modeldeploy.pull.errors import EXIT_NO_SPACE, EXIT_PERMANENT, EXIT_TRANSIENT, PullError, Reason, exit_code
 from modeldeploy.pull.integrity import Expected, IntegrityFailure, lfs_pointer_sha1, verify
 from modeldeploy.pull.selection import check_safe, select
@@ -88,3 +91,162 @@ def test_exit_codes_separate_permanent_from_transient():
     assert exit_code(Reason.NETWORK) == exit_code(Reason.STALLED) == exit_code(Reason.RATE_LIMITED) == EXIT_TRANSIENT
     assert exit_code(Reason.NO_SPACE) == EXIT_NO_SPACE
     assert PullError(Reason.STALLED, "").retryable and not PullError(Reason.NOT_FOUND, "").retryable
+
+
+# -- names: ids, revisions and patterns as the hub and git take them ---------------------------------------------------
+IDS = ["sentence-transformers/all-MiniLM-L6-v2", "org/x..y", "a--b/c", "org/m.git", "org/m-", "-org/m", ".org/m",
+       "org/m.", "org/_m_", "Org/M.v2", "no-slash", "a/b/c", "a/../b", "org/" + "m" * 96, "org/" + "m" * 97, "org/",
+       "/m", "org/m git", "org/m\n"]
+
+
+@pytest.mark.parametrize("value", IDS)
+def test_model_ids_are_valid_exactly_when_the_hub_client_says_so(value):
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+        hub_ok = value.count("/") == 1          # modeldeploy always names ORG/NAME
+    except HFValidationError:
+        hub_ok = False
+    try:
+        names.repo_id(value)
+        ours = True
+    except ValueError:
+        ours = False
+    assert ours == hub_ok
+
+
+@pytest.mark.parametrize("value", ["main", "v1.0", "refs/pr/12", "release/2024-01_b", "a" * 40, "_x"])
+def test_branches_tags_pull_requests_and_commits_are_revisions(value):
+    assert names.revision(value) == value
+
+
+@pytest.mark.parametrize("value", ["main/../../../x", "..", "-x", "a..b", ".x", "a/.x", "x.lock", "a.lock/b", "a//b",
+                                   "/a", "a/", "x.", "a\\b", "a\x00b", "a\x7fb", "a b", "a:b", "a~1", "a^", "a@{1}",
+                                   "", "r" * 256])
+def test_what_git_refuses_as_a_ref_is_not_a_revision(value):
+    with pytest.raises(ValueError):
+        names.revision(value)
+
+
+@pytest.mark.parametrize("value", ["-h", "--token-env=X", "../x", "a/../b", "..", "a\\b", "a\nb", ""])
+def test_patterns_that_could_be_options_or_escape_are_refused(value):
+    with pytest.raises(ValueError):
+        names.pattern(value)
+
+
+def test_ordinary_patterns_pass():
+    for value in ("*.json", "1_Pooling/*", "model-*.safetensors", "a..b/*", "[ab]*.txt"):
+        assert names.pattern(value) == value
+
+
+# -- completion markers: recognised only by exact name, place and shape ------------------------------------------------
+COMMIT = "a" * 40
+RECORD = {"repo": "org/m", "commit": COMMIT, "files": {"config.json": {"size": 2, "check": "git-sha1"},
+                                                       "x.bin": {"size": None, "check": "size"}}, "bytes": 2}
+
+
+def test_a_marker_written_by_the_puller_is_found(tmp_path):
+    cache_layout.write_marker(cache_layout.marker_path(tmp_path, "org/m", COMMIT, ["a"]), RECORD)
+    assert cache_layout.complete_markers(tmp_path, "org/m", COMMIT) == [RECORD]
+
+
+@pytest.mark.parametrize("change", [
+    {"repo": "org/other"}, {"commit": "b" * 40}, {"bytes": True}, {"bytes": "2"}, {"files": []},
+    {"files": {"a": {"size": "2", "check": "size"}}}, {"files": {"a": {"size": 2}}}, {"files": {"a": {"check": "x"}}},
+    {"files": {"a": {"size": 2.0, "check": "size"}}}, {"files": {"a": []}},
+], ids=lambda change: json.dumps(change))
+def test_a_marker_of_another_shape_is_ignored(tmp_path, change):
+    cache_layout.write_marker(cache_layout.marker_path(tmp_path, "org/m", COMMIT, ["a"]), {**RECORD, **change})
+    assert cache_layout.complete_markers(tmp_path, "org/m", COMMIT) == []
+
+
+def test_only_the_exact_marker_name_and_a_regular_file_count(tmp_path):
+    folder = cache_layout.marker_folder(tmp_path, "org/m", COMMIT)
+    folder.mkdir(parents=True)
+    for name in ("x.json", "0123456789abcdef.json.tmp", "0123456789ABCDEF.json", ".tmp-1.json", "0123456789abcde.json"):
+        (folder / name).write_text(json.dumps(RECORD))
+    (folder / "0123456789abcdef.json").write_text("not json")
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps(RECORD))
+    (folder / "fedcba9876543210.json").symlink_to(elsewhere)
+    assert cache_layout.complete_markers(tmp_path, "org/m", COMMIT) == []
+
+
+@pytest.mark.parametrize("commit", ["../" + "a" * 37, "A" * 40, "a" * 39, "main", ""])
+def test_markers_exist_only_for_40_hex_commits(tmp_path, commit):
+    with pytest.raises(cache_layout.UnsafeCachePath):
+        cache_layout.marker_path(tmp_path, "org/m", commit, ["a"])
+    assert cache_layout.complete_markers(tmp_path, "org/m", commit) == []
+
+
+def test_a_marker_folder_linked_out_of_the_cache_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    cache_layout.write_marker(cache_layout.marker_path(outside, "org/m", COMMIT, ["a"]), RECORD)
+    root = tmp_path / "cache" / cache_layout.MARKER_DIR
+    root.mkdir(parents=True)
+    (root / "models--org--m").symlink_to(outside / cache_layout.MARKER_DIR / "models--org--m")
+    assert cache_layout.complete_markers(tmp_path / "cache", "org/m", COMMIT) == []
+    with pytest.raises(cache_layout.UnsafeCachePath):
+        cache_layout.marker_path(tmp_path / "cache", "org/m", COMMIT, ["a"])
+
+
+# -- refs and snapshot paths stay in their folders -----------------------------------------------------------------------
+def puller_for(cache, revision: str):
+    from modeldeploy.pull.puller import Puller, PullOptions
+    from modeldeploy.pull.sources import SOURCES
+
+    return Puller(PullOptions(source=SOURCES["huggingface"], repo_id="org/m", revision=revision, cache_dir=cache),
+                  emit=lambda event: None)
+
+
+def test_write_ref_writes_under_refs(tmp_path):
+    puller_for(tmp_path, "refs/pr/3").write_ref(COMMIT)
+    assert (cache_layout.repo_folder(tmp_path, "org/m") / "refs" / "refs" / "pr" / "3").read_text() == COMMIT
+
+
+@pytest.mark.parametrize("revision", ["../../../x", "main/../../../../x", "/tmp/x"])
+def test_write_ref_refuses_a_revision_that_escapes_even_past_the_argument_checks(tmp_path, revision):
+    with pytest.raises(PullError) as error:
+        puller_for(tmp_path / "cache", revision).write_ref(COMMIT)
+    assert error.value.reason is Reason.UNSAFE_PATH
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_write_ref_refuses_a_refs_folder_linked_elsewhere(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    repo = cache_layout.repo_folder(tmp_path / "cache", "org/m")
+    repo.mkdir(parents=True)
+    (repo / "refs").symlink_to(outside)
+    with pytest.raises(PullError) as error:
+        puller_for(tmp_path / "cache", "main").write_ref(COMMIT)
+    assert error.value.reason is Reason.UNSAFE_PATH and list(outside.iterdir()) == []
+
+
+def test_a_snapshot_entry_linked_out_of_the_repository_is_not_present(tmp_path):
+    from modeldeploy.pull.integrity import Expected
+
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "config.json").write_text("{}")
+    (outside / "config.json").write_text("{}")
+    snapshot = cache_layout.snapshot_dir(tmp_path / "cache", "org/m", COMMIT)
+    snapshot.mkdir(parents=True)
+    (snapshot / "sub").symlink_to(outside / "sub")
+    (snapshot / "config.json").symlink_to(outside / "config.json")
+    puller = puller_for(tmp_path / "cache", COMMIT)
+    assert not puller.present(COMMIT, Expected("sub/config.json", 2))
+    assert not puller.present(COMMIT, Expected("config.json", 2))
+
+
+def test_exit_codes_of_the_new_reasons():
+    assert exit_code(Reason.INVALID_ARGUMENTS) == exit_code(Reason.INVALID_COMMIT) == EXIT_PERMANENT
+    assert not PullError(Reason.INVALID_ARGUMENTS, "").retryable and not PullError(Reason.INVALID_COMMIT, "").retryable
+
+
+def test_a_trailing_newline_does_not_pass_for_a_commit_or_a_name(tmp_path):
+    with pytest.raises(cache_layout.UnsafeCachePath):
+        cache_layout.marker_path(tmp_path, "org/m", COMMIT + "\n", ["a"])
+    with pytest.raises(ValueError):
+        names.revision("main\n")

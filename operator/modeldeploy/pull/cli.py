@@ -1,31 +1,44 @@
-"""`modeldeploy pull`: the program the operator's pull Job runs. Exit codes: 0 pulled (or already complete),
-2 usage, 3 permanent failure (not found, no access, unsafe file name, nothing selected), 4 transient failure
-(network, rate limit, stall, deadline), 5 no space in the cache, 6 integrity failure after retries."""
+"""`modeldeploy pull [options] -- [PATTERN...]`: the program the operator's pull Job runs.
+
+File patterns are positional and come after `--`, so nothing a pattern says is ever read as an option. Every
+outcome, a refused argument included, ends with one `complete` or `failed` JSON line on stdout and in the
+termination log. Exit codes: 0 pulled (or already complete), 1 internal error, 3 permanent failure (invalid
+arguments, not found, no access, unsafe path, invalid commit, nothing selected), 4 transient failure (network, rate
+limit, stall, deadline), 5 no space in the cache, 6 integrity failure after retries."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import re
+import sys
 from pathlib import Path
 
-from modeldeploy.pull.errors import PullError, exit_code
+from modeldeploy.pull import names
+from modeldeploy.pull.errors import PullError, Reason, exit_code
 from modeldeploy.pull.puller import Puller, PullOptions, emit_json, redact, token_from_env
 from modeldeploy.pull.sources import SOURCES
 
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+SHA256_LENGTH = 64
+DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
 
 
-def repo_id(value: str) -> str:
-    if not REPO_ID_RE.match(value) or ".." in value:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a model id of the form ORG/NAME")
-    return value
+def argument_type(check):
+    """An argparse type from one of `names`' checks (ValueError -> a usage error that names the value)."""
+    def parse(value: str) -> str:
+        try:
+            return check(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__name__ = check.__name__
+    return parse
+
+
+repo_id = argument_type(names.repo_id)        # also `modeldeploy serve --model`
 
 
 def checksum(value: str) -> tuple[str, str]:
     path, _, digest = value.rpartition("=")
-    if not path or not SHA256_RE.match(digest):
+    if not path or len(digest) != SHA256_LENGTH or any(c not in "0123456789abcdefABCDEF" for c in digest):
         raise argparse.ArgumentTypeError(f"{value!r} is not PATH=SHA256 (64 hex digits)")
     return path, digest.lower()
 
@@ -41,14 +54,16 @@ def positive(kind):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("pull", help="pull model weights into a shared Hugging Face cache",
-                              description=__doc__)
+                              usage="%(prog)s [options] -- [PATTERN ...]", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=sorted(SOURCES), default="huggingface")
     p.add_argument("--model", required=True, type=repo_id, help="ORG/NAME on the hub")
-    p.add_argument("--revision", default="main", help="branch, tag or 40-hex commit (default: main)")
+    p.add_argument("--revision", default="main", type=argument_type(names.revision),
+                   help="branch, tag, refs/pr/N or 40-hex commit (default: main)")
     p.add_argument("--cache-dir", required=True, type=Path, help="the shared cache (Hugging Face cache layout)")
-    p.add_argument("--files", nargs="+", metavar="PATTERN",
-                   help="fnmatch patterns of files to pull (default: all but duplicate weight formats)")
-    p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN")
+    p.add_argument("patterns", nargs="*", metavar="PATTERN", type=argument_type(names.pattern),
+                   help="after --: fnmatch patterns of files to pull (default: all but duplicate weight formats)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", type=argument_type(names.pattern))
     p.add_argument("--allow-pickle", action="store_true",
                    help="also pull pickle weights (*.bin, *.pt) when safetensors exist")
     p.add_argument("--checksum", action="append", type=checksum, default=[], metavar="PATH=SHA256",
@@ -65,9 +80,57 @@ def register(subparsers) -> None:
     p.add_argument("--stall-bytes", type=positive(int), default=64 * 1024)
     p.add_argument("--deadline", type=positive(float), help="overall limit in seconds")
     p.add_argument("--progress-interval", type=positive(float), default=5.0, help="seconds between progress lines")
-    p.add_argument("--termination-log", type=Path, default=Path("/dev/termination-log"),
+    p.add_argument("--termination-log", type=Path, default=DEFAULT_TERMINATION_LOG,
                    help="where the final JSON line is also written (the pod's termination message)")
     p.set_defaults(run=run)
+    answer_usage_errors(p)
+
+
+def answer_usage_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse answers a bad argument with exit 2 and a line on stderr, which the operator cannot read. Here every
+    refused argument (a bad id, revision or pattern, an unknown option, a pattern before `--`) ends like any other
+    permanent failure: the `failed` line (InvalidArguments) on stdout and in the termination log, exit 3."""
+    parse_known_args = parser.parse_known_args
+
+    def error(message: str):
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(refuse(message, parser._argv))
+
+    def checked_parse(args=None, namespace=None):
+        parser._argv = list(sys.argv[1:] if args is None else args)
+        namespace, extras = parse_known_args(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        if namespace.patterns and "--" not in parser._argv:
+            error("file patterns come after '--': modeldeploy pull [options] -- PATTERN...")
+        return namespace, extras
+
+    parser._argv = []
+    parser.error = error                      # instance attributes: what argparse calls on this subparser
+    parser.parse_known_args = checked_parse
+
+
+def refuse(message: str, argv: list[str]) -> int:
+    """The `failed` line for arguments that never parsed: the termination log, model and revision are read from
+    the options before `--` (best effort), the message is redacted of any token in the environment."""
+    options = argv[:argv.index("--")] if "--" in argv else argv
+
+    def option(name: str) -> str | None:
+        for i, arg in enumerate(options):
+            if arg == name and i + 1 < len(options):
+                return options[i + 1]
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1:]
+        return None
+
+    termination_log = Path(option("--termination-log") or DEFAULT_TERMINATION_LOG)
+    emit = emit_json(None, termination_log if termination_log.parent.is_dir() else None)
+    for source in SOURCES.values():
+        message = redact(message, token_from_env(source, None))
+    emit({"event": "failed", "repo": option("--model"), "revision": option("--revision") or "main",
+          "reason": Reason.INVALID_ARGUMENTS.value, "message": message, "retryable": False})
+    return exit_code(Reason.INVALID_ARGUMENTS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     emit = emit_json(token, termination_log)
     options = PullOptions(
         source=source, repo_id=args.model, revision=args.revision, cache_dir=args.cache_dir,
-        endpoint=args.endpoint, patterns=args.files, excludes=args.exclude, allow_pickle=args.allow_pickle,
+        endpoint=args.endpoint, patterns=args.patterns or None, excludes=args.exclude, allow_pickle=args.allow_pickle,
         checksums=dict(args.checksum), timeout=args.timeout, retries=max(0, args.retries),
         retry_wait=args.retry_wait, workers=args.workers, stall_timeout=args.stall_timeout,
         stall_bytes=args.stall_bytes, deadline=args.deadline, progress_interval=args.progress_interval, token=token)

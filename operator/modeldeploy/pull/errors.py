@@ -8,10 +8,12 @@ import enum
 
 class Reason(str, enum.Enum):
     # permanent: the spec, the token or the hub's content must change first
+    INVALID_ARGUMENTS = "InvalidArguments"   # a bad id, revision, pattern or option: refused before any request
     NOT_FOUND = "NotFound"
     UNAUTHORIZED = "Unauthorized"
     UNSAFE_PATH = "UnsafePath"
     NO_FILES = "NoFilesSelected"
+    INVALID_COMMIT = "InvalidCommit"         # the hub resolved the revision to something that is not a 40-hex commit
     INTERNAL = "InternalError"
     NO_SPACE = "NoSpace"
     INTEGRITY = "IntegrityError"
@@ -22,9 +24,12 @@ class Reason(str, enum.Enum):
     DEADLINE = "DeadlineExceeded"
 
 
-PERMANENT = {Reason.NOT_FOUND, Reason.UNAUTHORIZED, Reason.UNSAFE_PATH, Reason.NO_FILES, Reason.INTERNAL}
+PERMANENT = {Reason.INVALID_ARGUMENTS, Reason.NOT_FOUND, Reason.UNAUTHORIZED, Reason.UNSAFE_PATH, Reason.NO_FILES,
+             Reason.INVALID_COMMIT, Reason.INTERNAL}
 
-# Exit codes of `modeldeploy pull` (0 is success, 1 a bug, 2 a usage error from argparse).
+# Exit codes of `modeldeploy pull` (0 is success, 1 a bug). Invalid arguments exit 3 with their `failed` line, like
+# any permanent failure, so the operator reads a reason; 2 is left to the top-level `modeldeploy` parser (no
+# subcommand), which never reaches the puller.
 EXIT_INTERNAL = 1
 EXIT_PERMANENT = 3
 EXIT_TRANSIENT = 4

@@ -13,8 +13,8 @@ import multiprocessing
 import os
 import queue
 import random
-import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +24,10 @@ from modeldeploy import cache_layout
 from modeldeploy.pull import worker
 from modeldeploy.pull.errors import PullError, Reason, classify
 from modeldeploy.pull.integrity import Expected
+from modeldeploy.pull.names import COMMIT_RE
 from modeldeploy.pull.selection import select
 from modeldeploy.pull.sources import Source
 
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 # Headroom kept free when checking that the cache can hold a download.
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
 
@@ -74,8 +74,11 @@ class Puller:
     # -- steps ----------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         commit = self.resolve()
-        marker = cache_layout.marker_path(self.o.cache_dir, self.o.repo_id, commit, self.o.selection_spec())
-        record = cache_layout.read_marker(marker)
+        try:
+            marker = cache_layout.marker_path(self.o.cache_dir, self.o.repo_id, commit, self.o.selection_spec())
+        except cache_layout.UnsafeCachePath as error:
+            raise PullError(Reason.UNSAFE_PATH, f"the completion marker of {commit}: {error}") from None
+        record = cache_layout.read_marker(marker, self.o.repo_id, commit)
         if record and self.snapshot_intact(commit, record["files"]):
             return self.result(commit, record, downloaded=0, cached=True)
 
@@ -93,7 +96,9 @@ class Puller:
         return self.result(commit, record, downloaded=sum(f.size or 0 for f in missing), cached=False)
 
     def resolve(self) -> str:
-        if COMMIT_RE.match(self.o.revision):
+        """The revision's commit: a 40-hex revision as it is, else what the hub answers, which must be 40-hex too
+        (it names folders in the cache and the runtime's `--revision`)."""
+        if COMMIT_RE.fullmatch(self.o.revision):
             return self.o.revision
 
         def info() -> str:
@@ -102,15 +107,29 @@ class Puller:
             api = HfApi(endpoint=self.o.hub, token=self.o.token or False)
             return api.model_info(self.o.repo_id, revision=self.o.revision, timeout=self.o.timeout).sha
 
-        return self.with_retries(f"resolving {self.o.repo_id}@{self.o.revision}", info)
+        what = f"resolving {self.o.repo_id}@{self.o.revision}"
+        commit = self.with_retries(what, lambda: self.supervised(what, info))
+        if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):
+            raise PullError(Reason.INVALID_COMMIT, f"{self.o.hub} resolved {self.o.repo_id}@{self.o.revision} to "
+                                                   f"{str(commit)[:80]!r}, not a 40-hex commit; refusing to use it")
+        return commit
 
     def list_files(self, commit: str) -> list[Expected]:
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFile
 
         api = HfApi(endpoint=self.o.hub, token=self.o.token or False)
-        entries = {e.path: e for e in api.list_repo_tree(self.o.repo_id, revision=commit, recursive=True)
-                   if isinstance(e, RepoFile)}
+        seen = [0]
+
+        def listing() -> list:
+            entries = []
+            for entry in api.list_repo_tree(self.o.repo_id, revision=commit, recursive=True):
+                entries.append(entry)
+                seen[0] += 1
+            return entries
+
+        found = self.supervised("listing the repository", listing, lambda: seen[0])
+        entries = {e.path: e for e in found if isinstance(e, RepoFile)}
         chosen = select(list(entries), self.o.patterns, self.o.excludes, self.o.allow_pickle)
         unknown = set(self.o.checksums) - set(chosen)
         if unknown:
@@ -118,6 +137,37 @@ class Puller:
         return [Expected(path=p, size=entries[p].size, sha256=entries[p].lfs.sha256 if entries[p].lfs else None,
                          git_sha1=entries[p].blob_id or None, checksum=self.o.checksums.get(p))
                 for p in chosen]
+
+    def supervised(self, what: str, call, advanced: Callable[[], int] = lambda: 0):
+        """Runs a metadata call (resolution, listing) under the same cut-offs as a transfer: it fails as Stalled
+        when `advanced()` (entries received so far) has not moved for --stall-timeout, and at the deadline. The
+        call runs in a daemon thread: a hub that accepts the connection and never answers leaves that thread
+        blocked on its socket until the process ends, never the pull."""
+        outcome: dict = {}
+        finished = threading.Event()
+
+        def target() -> None:
+            try:
+                outcome["value"] = call()
+            except BaseException as error:  # handed to the caller, classified there
+                outcome["error"] = error
+            finally:
+                finished.set()
+
+        threading.Thread(target=target, name=what, daemon=True).start()
+        mark, last_advance = advanced(), time.monotonic()
+        while not finished.wait(0.2):
+            now = time.monotonic()
+            if advanced() != mark:
+                mark, last_advance = advanced(), now
+            if now - last_advance > self.o.stall_timeout:
+                raise PullError(Reason.STALLED, f"{what}: no answer from {self.o.hub} in "
+                                                f"{self.o.stall_timeout:.0f}s; cutting it off")
+            if self.deadline and now > self.deadline:
+                raise PullError(Reason.DEADLINE, f"{what}: the pull ran past its {self.o.deadline:.0f}s deadline")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def check_space(self, needed: int) -> None:
         self.o.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -189,18 +239,28 @@ class Puller:
 
     # -- the cache ------------------------------------------------------------------------------------------------
     def present(self, commit: str, f: Expected) -> bool:
-        path = cache_layout.snapshot_dir(self.o.cache_dir, self.o.repo_id, commit) / f.path
+        snapshot = cache_layout.snapshot_dir(self.o.cache_dir, self.o.repo_id, commit)
+        path = snapshot / f.path
+        if not cache_layout.inside(snapshot, path.parent / "x") or not cache_layout.inside(snapshot.parent.parent, path):
+            return False   # a link planted in the snapshot that leads out of the repository's folder
         try:
             return f.size is None or path.stat().st_size == f.size
         except OSError:
             return False
 
     def write_ref(self, commit: str) -> None:
-        """refs/<branch or tag> -> commit, as huggingface_hub writes it, so `revision="main"` loads offline too."""
+        """refs/<branch or tag> -> commit, as huggingface_hub writes it, so `revision="main"` loads offline too.
+        The ref stays inside refs/ (checked with links resolved, before and after creating its folder)."""
         if self.o.revision == commit:
             return
-        ref = cache_layout.repo_folder(self.o.cache_dir, self.o.repo_id) / "refs" / self.o.revision
-        ref.parent.mkdir(parents=True, exist_ok=True)
+        refs = cache_layout.repo_folder(self.o.cache_dir, self.o.repo_id) / "refs"
+        ref = refs / self.o.revision
+        try:
+            cache_layout.confined(refs, ref)
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            cache_layout.confined(refs, ref.parent / ref.name)
+        except cache_layout.UnsafeCachePath as error:
+            raise PullError(Reason.UNSAFE_PATH, f"the ref of {self.o.revision!r}: {error}") from None
         tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
         tmp.write_text(commit)
         os.replace(tmp, ref)
