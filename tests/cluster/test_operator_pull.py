@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile import metrics
 from modeldeploy.reconcile.children import Apis
-from modeldeploy.reconcile.handlers import reconcile, reconcile_by_name
+from modeldeploy.reconcile.reconciler import reconcile, reconcile_by_name
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, mdep  # noqa: F401 (crd: fixture)
 from tests.helpers import operator_process, wait_for
 from tests.hubserver import HubServer, Repo, RepoFile

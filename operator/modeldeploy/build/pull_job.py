@@ -10,11 +10,12 @@ from modeldeploy.pull.sources import SOURCES
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")
 
 
-def build_pull_job(spec: ModelDeploymentSpec, config: OperatorConfig, key: str) -> dict:
+def build_pull_job(spec: ModelDeploymentSpec, config: OperatorConfig, key: str, commit: str | None = None) -> dict:
     """The Job that fills the cache. Shared by every ModelDeployment with the same weights key, so owned by none.
     The pod gets no service-account token and sees only its own source's token Secret; it reports through its log
     (progress lines) and its termination message (the result)."""
-    args = ["pull", "--source", spec.model.source, "--model", spec.model.id, "--revision", spec.model.revision,
+    revision = commit or spec.model.revision     # the commit a branch resolved to, once known: pinned
+    args = ["pull", "--source", spec.model.source, "--model", spec.model.id, "--revision", revision,
             "--cache-dir", CACHE_MOUNT, "--timeout", str(spec.download.timeout_seconds),
             "--retries", str(spec.download.retries), "--stall-timeout", str(spec.download.stall_seconds),
             "--deadline", str(max(60, spec.download.deadline_seconds - 30)), "--progress-interval", "5"]

@@ -1,5 +1,7 @@
-"""Reading and writing a ModelDeployment's children through the Kubernetes API: create-or-update with
-deterministic names (so every step is idempotent and a retry never duplicates), and what each child says."""
+"""Reading and writing a ModelDeployment's children through the Kubernetes API. Children are written with
+server-side apply (field manager `modeldeploy`): one request creates or updates, and a field the operator stops
+setting (an old engine's command, a removed sidecar or port) is removed. Reads come back as plain dicts, as the
+API serves them, so the decisions made on them are pure and unit-tested over recorded objects."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ from dataclasses import dataclass, field
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from modeldeploy.pull.errors import EXIT_NO_SPACE, EXIT_PERMANENT, Reason
 from modeldeploy.reconcile.hub_sizes import HubSizes
+
+FIELD_MANAGER = "modeldeploy"
 
 
 @dataclass
 class Apis:
+    api: client.ApiClient
     core: client.CoreV1Api
     batch: client.BatchV1Api
     apps: client.AppsV1Api
@@ -25,7 +29,16 @@ class Apis:
     @classmethod
     def create(cls, api: client.ApiClient | None = None) -> "Apis":
         api = api or client.ApiClient()
-        return cls(client.CoreV1Api(api), client.BatchV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api))
+        return cls(api, client.CoreV1Api(api), client.BatchV1Api(api), client.AppsV1Api(api),
+                   client.CustomObjectsApi(api))
+
+    def plain(self, obj) -> dict | list | None:
+        """A client model object as the API serves it (camelCase dict)."""
+        return self.api.sanitize_for_serialization(obj)
+
+
+class Refused(Exception):
+    """The API server refused a child as built (invalid): the spec cannot be served as it is."""
 
 
 def read_or_none(read, *args):
@@ -48,92 +61,37 @@ def create_if_absent(create, namespace: str, body: dict) -> bool:
         raise
 
 
-def apply(read, create, patch, namespace: str, body: dict) -> None:
-    """Creates, or brings an existing object to `body` (a merge patch: our fields win, others' stay)."""
-    name = body["metadata"]["name"]
-    if read_or_none(read, name, namespace) is None and create_if_absent(create, namespace, body):
-        return
-    patch(name, namespace, body)
+def apply(patch, namespace: str, body: dict):
+    """Server-side apply of `body`: the object as the operator wants it, nothing else of the operator's kept.
+    Refused (with the API server's message) when the object is invalid."""
+    try:
+        return patch(body["metadata"]["name"], namespace, body, field_manager=FIELD_MANAGER, force=True,
+                     _content_type="application/apply-patch+yaml")
+    except ApiException as error:
+        if error.status in (400, 422):
+            raise Refused(f"{body['kind']} {body['metadata']['name']}: {api_message(error)}") from None
+        raise
 
 
-# -- what the pull Job says ------------------------------------------------------------------------------------------
-@dataclass
-class PullState:
-    done: bool = False
-    failed: bool = False
-    permanent: bool = False
-    reason: str = "Pulling"
-    message: str = ""
-    result: dict | None = None        # the puller's final JSON line
-    progress: dict | None = None      # its last progress line
+def api_message(error: ApiException) -> str:
+    try:
+        return json.loads(error.body).get("message") or error.reason
+    except (TypeError, ValueError, AttributeError):
+        return str(error.reason)
 
 
-def job_pods(apis: Apis, namespace: str, job_name: str) -> list:
-    return apis.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+def pods_of(apis: Apis, namespace: str, selector: str) -> list[dict]:
+    return apis.plain(apis.core.list_namespaced_pod(namespace, label_selector=selector).items)
 
 
-def final_line(pod) -> tuple[dict | None, object]:
-    for status in pod.status.container_statuses or []:
-        terminated = status.state.terminated if status.state else None
-        if terminated is not None:
-            try:
-                return json.loads(terminated.message or ""), terminated
-            except ValueError:
-                return None, terminated
-    return None, None
-
-
-def pull_state(apis: Apis, namespace: str, job) -> PullState:
-    pods = sorted(job_pods(apis, namespace, job.metadata.name), key=lambda p: p.metadata.creation_timestamp)
-    for pod in pods:
-        result, terminated = final_line(pod)
-        if terminated is not None and terminated.exit_code == 0 and result and result.get("event") == "complete":
-            return PullState(done=True, reason="Pulled", result=result,
-                             message=f"{result['files']} files, {result['bytes']} bytes at commit {result['commit']}"
-                                     + (" (already in the cache)" if result.get("cached") else ""))
-    state = PullState()
-    for pod in reversed(pods):   # the newest failure explains best
-        result, terminated = final_line(pod)
-        if terminated is None:
-            continue
-        if terminated.reason == "OOMKilled":
-            return PullState(failed=True, reason="OOMKilled", message="the pull pod ran out of memory")
-        if result and result.get("event") == "failed":
-            reason = result.get("reason", "PullFailed")
-            permanent = terminated.exit_code in (EXIT_PERMANENT, EXIT_NO_SPACE) or reason == Reason.NO_SPACE.value
-            state = PullState(failed=True, permanent=permanent, reason=reason, message=result.get("message", ""))
-            break
-        state = PullState(failed=True, reason="PullFailed", message=f"the pull pod exited with {terminated.exit_code}")
-        break
-    for condition in job.status.conditions or []:
-        if condition.type == "Failed" and condition.status == "True":
-            state.failed, state.permanent = True, True
-            if state.reason in ("Pulling", "PullFailed") and condition.reason == "DeadlineExceeded":
-                state.reason, state.message = "DeadlineExceeded", "the pull Job ran past its deadline"
-            state.message = state.message or f"the pull Job failed: {condition.reason}: {condition.message}"
-            return state
-    if state.failed and not state.permanent:
-        state.reason, state.message = "Retrying", f"{state.reason}: {state.message}; the Job retries"
-    if not state.failed:
-        waiting = next((s.state.waiting for p in pods for s in p.status.container_statuses or []
-                        if s.state and s.state.waiting and s.state.waiting.reason not in ("ContainerCreating",)), None)
-        if waiting is not None:
-            state.message = f"the pull pod is waiting: {waiting.reason}: {waiting.message or ''}".strip()
-            state.reason = waiting.reason if waiting.reason in ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull",
-                                                                 "CreateContainerConfigError") else "Pulling"
-        else:
-            state.message = "pulling the weights into the cache"
-    return state
-
-
-def last_progress(apis: Apis, namespace: str, job_name: str) -> dict | None:
+def last_progress(apis: Apis, namespace: str, pods: list[dict]) -> dict | None:
     """The puller's last progress line, from the running pod's log: the pull pod holds no API token, the operator
     reads what it prints."""
-    for pod in job_pods(apis, namespace, job_name):
-        if pod.status.phase != "Running":
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Running":
             continue
         try:
-            tail = apis.core.read_namespaced_pod_log(pod.metadata.name, namespace, tail_lines=5)
+            tail = apis.core.read_namespaced_pod_log(pod["metadata"]["name"], namespace, tail_lines=5)
         except ApiException:
             continue
         for line in reversed(tail.splitlines()):
@@ -141,7 +99,23 @@ def last_progress(apis: Apis, namespace: str, job_name: str) -> dict | None:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if event.get("event") == "progress":
+            if isinstance(event, dict) and event.get("event") == "progress":
                 return {"bytes": event.get("bytes"), "totalBytes": event.get("total"),
                         "bytesPerSecond": event.get("rate"), "etaSeconds": event.get("eta_seconds")}
     return None
+
+
+def server_problem(pods: list[dict]) -> str:
+    """Why serving pods are not ready, in the scheduler's or the kubelet's words ('' when nothing is wrong yet)."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        for condition in status.get("conditions") or []:
+            if condition["type"] == "PodScheduled" and condition.get("status") == "False" and \
+                    condition.get("reason") == "Unschedulable":
+                return f"; {pod['metadata']['name']} cannot be scheduled: {condition.get('message')}"
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") and waiting["reason"] not in ("ContainerCreating", "PodInitializing"):
+                return f"; {pod['metadata']['name']} {container['name']}: {waiting['reason']}" + (
+                    f": {waiting['message']}" if waiting.get("message") else "")
+    return ""

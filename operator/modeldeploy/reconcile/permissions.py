@@ -12,17 +12,17 @@ from kubernetes import client
 RULES: list[tuple[str, str, tuple[str, ...]]] = [
     ("modeldeploy.io", "modeldeployments", ("get", "list", "watch")),
     ("modeldeploy.io", "modeldeployments/status", ("get", "patch")),
-    ("batch", "jobs", ("get", "list", "watch", "create", "delete")),
-    ("apps", "deployments", ("get", "list", "watch", "create", "patch")),
-    ("", "services", ("get", "create", "patch")),
-    ("", "persistentvolumeclaims", ("get", "list", "watch", "create")),
-    ("", "pods", ("list",)),                 # the pull Job's pods (termination message) and the servers' (why not ready)
+    ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),   # patch: the pull's result kept on it
+    ("apps", "deployments", ("list", "watch", "create", "patch")),   # children: server-side apply, no reads
+    ("", "services", ("create", "patch")),
+    ("", "persistentvolumeclaims", ("get", "list", "watch", "create", "patch")),   # patch: expanding the cache
+    ("", "pods", ("list", "watch")),         # the pull Job's pods (termination message) and the servers' (why not ready)
     ("", "pods/log", ("get",)),              # pull progress: the pull pods hold no API token, they print it
     ("", "events", ("create", "list")),      # the operator and kopf post Events; a PVC's latest one says why it waits
 ]
 # Only used when the Prometheus Operator's CRDs are installed (see monitoring); not checked at start-up.
 OPTIONAL_RULES: list[tuple[str, str, tuple[str, ...]]] = [
-    ("monitoring.coreos.com", "podmonitors", ("get", "create", "patch")),
+    ("monitoring.coreos.com", "podmonitors", ("create", "patch")),
 ]
 
 

@@ -78,3 +78,71 @@ def status_patch(observation: Observation, previous: list[dict]) -> tuple[dict, 
             changed.append((condition, old))
     status = {"observedGeneration": g, "phase": phase, "conditions": conditions, **observation.fields}
     return status, changed
+
+
+# -- writing it ------------------------------------------------------------------------------------------------------
+PROGRESS_REASONS = {"Waiting", "Creating", "Sizing", "Expanding", "WaitingForFirstConsumer", "Pulling", "RollingOut",
+                    "ReplicasNotReady", "Ready", "Progressing"}
+
+
+class StaleRead(Exception):
+    """The resource changed after it was read, so its status was not written over."""
+
+
+def write_status(apis, body, observation: Observation, previous: list[dict]) -> dict | None:
+    """Writes the status over the version that was read (resourceVersion as a precondition: refused with 409 if
+    the resource changed since), then posts one Event per transition a person wants to see. None: nothing to write
+    (unchanged) or the resource is gone."""
+    from kubernetes.client.rest import ApiException
+
+    from modeldeploy.api import GROUP, PLURAL, VERSION
+    from modeldeploy.reconcile import events, metrics
+
+    status, changed = status_patch(observation, previous)
+    meta = body["metadata"]
+    if unchanged(body.get("status") or {}, status):
+        return status
+    try:
+        apis.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
+            {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status})
+    except ApiException as error:
+        if error.status == 404:
+            return None   # deleted meanwhile
+        if error.status == 409:
+            raise StaleRead() from error
+        raise
+    warned = status.get("warnedRemoteCode")
+    if warned is not None and (body.get("status") or {}).get("warnedRemoteCode") != warned:
+        events.warn(apis.core, body, "TrustRemoteCode", "runtime.trustRemoteCode is on: the model's own Python code "
+                                                        "will run in the serving pods")
+    # A stall turns both Stalled and the step's own condition, with one reason: one Event for both.
+    to_post: dict[tuple[str, str], str] = {}
+    for condition, _old in changed:
+        kind, ok, reason = condition["type"], condition["status"] == "True", condition["reason"]
+        if kind == STALLED and ok:
+            to_post.setdefault(("Warning", reason), condition["message"])
+            if observation.weights is not None and not observation.weights[0]:
+                metrics.PULL_FAILURES.labels(reason).inc()
+        elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE, READY) and ok:
+            to_post.setdefault(("Normal", kind), condition["message"])
+        elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE) and reason not in PROGRESS_REASONS:
+            to_post.setdefault(("Warning", reason), condition["message"])
+    for (type_, reason), message in to_post.items():
+        events.post(apis.core, body, type_, reason, message)
+    return status
+
+
+def unchanged(old: dict, new: dict) -> bool:
+    """Whether merging `new` into `old` would change nothing (a value of None removes a field). Unchanged
+    conditions keep their timestamps (merge_condition), so a reconcile that found nothing new writes nothing."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            if not unchanged(old[key], value):
+                return False
+        elif value is None:
+            if old.get(key) is not None:
+                return False
+        elif old.get(key) != value:
+            return False
+    return True

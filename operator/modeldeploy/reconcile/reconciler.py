@@ -1,0 +1,98 @@
+"""One reconcile of one ModelDeployment: observe (steps.py), write the status over the version that was read, post
+the Events of its transitions. Reconciles run concurrently (kopf's workers, the progress refresher), so a write that
+finds the resource changed since it was read is refused, and the reconcile runs again on a fresh read: an older
+observation never overwrites a newer status, and each transition gets one Event."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from modeldeploy.api import GROUP, PLURAL, VERSION, SpecError, name_problems, parse_spec
+from modeldeploy.build.common import weights_key
+from modeldeploy.config import OperatorConfig
+from modeldeploy.reconcile import metrics
+from modeldeploy.reconcile.children import Apis, read_or_none
+from modeldeploy.reconcile.status import Observation, StaleRead, write_status
+from modeldeploy.reconcile.steps import observe
+
+log = logging.getLogger("modeldeploy.operator")
+STALE_READ_ATTEMPTS = 3
+PULLING_PHASES = ("Pending", "Pulling")
+
+
+def reconcile(body, memo) -> Observation:
+    for _ in range(STALE_READ_ATTEMPTS - 1):
+        try:
+            return reconcile_as_read(body, memo)
+        except StaleRead:
+            meta = body["metadata"]
+            if (body := read_live(memo.apis, meta["namespace"], meta["name"])) is None:
+                return Observation(generation=meta.get("generation", 1))
+    return reconcile_as_read(body, memo)    # a third StaleRead reaches the caller: kopf retries, the refresher logs
+
+
+def reconcile_as_read(body, memo) -> Observation:
+    meta = body["metadata"]
+    previous = list((body.get("status") or {}).get("conditions") or [])
+    observation = Observation(generation=meta.get("generation", 1))
+    started, result = time.monotonic(), "error"
+    try:
+        observe(body, memo.apis, memo.config, observation, getattr(memo, "cache_users", None))
+        try:
+            status = write_status(memo.apis, body, observation, previous)
+        except StaleRead:
+            result = "conflict"
+            raise
+        if status is not None:
+            record(memo, meta["namespace"], meta["name"], status)
+        result = "ok"
+    finally:
+        if result == "error":   # what was observed before the failure still reaches the status
+            with contextlib.suppress(StaleRead):
+                write_status(memo.apis, body, observation, previous)
+        metrics.RECONCILES.labels(result).inc()
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    return observation
+
+
+def record(memo, namespace: str, name: str, status: dict | None) -> None:
+    """The phase in the metrics, and whether the progress refresher looks at this resource."""
+    memo.phases.record(namespace, name, status["phase"] if status else None)
+    if status is not None:
+        metrics.record_download(namespace, name, status.get("download"))
+    pulling = getattr(memo, "pulling", None)
+    if pulling is not None:
+        if status is not None and status["phase"] in PULLING_PHASES:
+            pulling.add((namespace, name))
+        else:
+            pulling.discard((namespace, name))
+
+
+def reconcile_by_name(memo, namespace: str, name: str) -> None:
+    """From a child's event or the progress refresher: one ModelDeployment's trouble must not stop the others'."""
+    try:
+        if (body := read_live(memo.apis, namespace, name)) is not None:
+            reconcile(body, memo)
+        else:
+            record(memo, namespace, name, None)
+    except Exception:
+        log.exception("mdep %s/%s: reconcile (after a child's event, or refreshing progress) failed", namespace, name)
+
+
+def read_live(apis: Apis, namespace: str, name: str) -> dict | None:
+    """The resource as the API server has it now; None once it is gone or being deleted."""
+    body = read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+    return body if body is not None and not body["metadata"].get("deletionTimestamp") else None
+
+
+def key_or_none(body, config: OperatorConfig) -> str | None:
+    """The weights key of a resource that may pull (None for one the operator refuses)."""
+    try:
+        spec = parse_spec(dict(body))
+    except SpecError:
+        return None
+    if spec.problems(config) or name_problems(body["metadata"]["name"]):
+        return None
+    return weights_key(spec, config)

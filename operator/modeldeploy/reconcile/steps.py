@@ -1,0 +1,313 @@
+"""The reconcile, step by step: the spec, the cache, the weights, serving. Each step reads what it needs, makes what
+is missing with the pure builders, records what it found on the Observation, and says whether the next step may run.
+Level-triggered: every step works from the objects as they are now, so a reconcile after any event (or after the
+operator was down) reaches the same result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable
+
+import kopf
+from kubernetes.client.rest import ApiException
+from kubernetes.utils import parse_quantity
+
+from modeldeploy import endpoints
+from modeldeploy.api import ModelDeploymentSpec, SpecError, name_problems, parse_spec
+from modeldeploy.build.cache import build_cache_pvc
+from modeldeploy.build.common import pull_job_name, weights_key
+from modeldeploy.build.monitoring import POD_MONITOR_API, build_pod_monitor
+from modeldeploy.build.pull_job import build_pull_job
+from modeldeploy.build.serving import build_deployment, build_service, server_selector
+from modeldeploy.config import OperatorConfig
+from modeldeploy.pull.sizing import claim_size
+from modeldeploy.reconcile import events
+from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_absent, last_progress, pods_of,
+                                            read_or_none, server_problem)
+from modeldeploy.reconcile.hub_sizes import PENDING
+from modeldeploy.reconcile.pull_state import RESULT_ANNOTATION, pull_state
+from modeldeploy.reconcile.status import Observation
+
+log = logging.getLogger("modeldeploy.operator")
+
+
+def observe(body, apis: Apis, config: OperatorConfig, o: Observation,
+            cache_users: Callable[[str, str], list[ModelDeploymentSpec]] | None = None) -> None:
+    """`cache_users(namespace, claim)`: the specs of every ModelDeployment using that cache (kopf's index)."""
+    spec = valid_spec(body, config, o)
+    users = cache_users(body["metadata"]["namespace"], spec.cache.claim_name) if spec and cache_users else []
+    if spec is None or not cache_step(body, spec, apis, config, o, users or [spec]):
+        return
+    commit = weights_step(body, spec, apis, config, o)
+    if commit is not None:
+        serving_step(body, spec, apis, config, o, commit)
+
+
+def valid_spec(body, config: OperatorConfig, o: Observation) -> ModelDeploymentSpec | None:
+    meta = body["metadata"]
+    try:
+        spec = parse_spec(dict(body))
+        problems = name_problems(meta["name"]) + spec.problems(config)
+    except SpecError as error:
+        problems = [str(error)]
+    if problems:
+        o.stalled = ("InvalidSpec", "; ".join(problems))
+        return None
+    if spec.runtime.trust_remote_code:
+        o.fields["warnedRemoteCode"] = meta.get("generation")    # write_status warns once per generation
+    return spec
+
+
+# -- 1. the shared cache ----------------------------------------------------------------------------------------------
+def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, o: Observation,
+               users: list[ModelDeploymentSpec]) -> bool:
+    """The PVC exists (bound or not: with WaitForFirstConsumer the pull pod is what binds it) and, once bound, is
+    large enough for the weights its ModelDeployments need, expanded where the StorageClass allows."""
+    namespace, claim_name = body["metadata"]["namespace"], spec.cache.claim_name
+    claim = read_or_none(apis.core.read_namespaced_persistent_volume_claim, claim_name, namespace)
+    if claim is None:
+        size, why = estimated_cache_size(spec, config, apis)
+        if size is PENDING:
+            o.cache = (False, "Sizing", f"asking the hub for the sizes of {spec.model.id}'s files")
+            o.retry, o.retry_delay = o.cache[2], 2
+            return False
+        create_if_absent(apis.core.create_namespaced_persistent_volume_claim, namespace,
+                         build_cache_pvc(spec, config, size))
+        o.cache = (False, "Creating", f"creating PVC {claim_name}{why}")
+        o.retry = o.cache[2]
+        return False
+    claim = apis.plain(claim)
+    capacity = ((claim.get("status") or {}).get("capacity") or {}).get("storage")
+    o.fields["cache"] = {"claimName": claim_name, "capacity": capacity}
+    if (claim.get("status") or {}).get("phase") != "Bound":
+        why = latest_event(apis, namespace, "PersistentVolumeClaim", claim_name) or ""
+        reason = "WaitingForFirstConsumer" if "first consumer" in why else "ClaimPending"
+        o.cache = (False, reason, f"PVC {claim_name} is {(claim.get('status') or {}).get('phase')}"
+                   + (f": {why}" if why else "") + ("; the pull pod will bind it" if reason != "ClaimPending" else ""))
+        return True     # the pull Job may start: it is the first consumer the claim waits for
+    requested = claim["spec"]["resources"]["requests"]["storage"]
+    if parse_quantity(capacity or "0") < parse_quantity(requested):
+        o.cache = (False, "Expanding", f"PVC {claim_name} is being expanded from {capacity} to {requested}")
+        o.retry, o.retry_delay = o.cache[2], 5
+        return False
+    needed = cache_needs(users, config, apis)
+    if needed is PENDING:
+        o.cache = (False, "Sizing", f"asking the hub for the sizes of the models in PVC {claim_name}")
+        o.retry, o.retry_delay = o.cache[2], 2
+        return False
+    if needed and needed > parse_quantity(capacity):
+        return expand(body, spec, apis, o, claim, capacity, needed)
+    o.cache = (True, "Bound", f"PVC {claim_name} is bound ({capacity})")
+    return True
+
+
+def expand(body, spec, apis: Apis, o: Observation, claim: dict, capacity: str, needed: int) -> bool:
+    """More weights than room: ask for a larger claim. The API server refuses where the StorageClass does not allow
+    expansion; then the resource stops with the numbers."""
+    size = claim_size(needed)
+    try:
+        apis.core.patch_namespaced_persistent_volume_claim(
+            claim["metadata"]["name"], body["metadata"]["namespace"],
+            {"spec": {"resources": {"requests": {"storage": size}}}})
+    except ApiException as error:
+        if error.status not in (403, 422):
+            raise
+        message = (f"the cache PVC {claim['metadata']['name']} holds {capacity} but its models need "
+                   f"{needed / 2**30:.2f} GiB and it cannot be expanded ({error.reason}): use a larger or another "
+                   f"cache (spec.cache) or fewer files (spec.model.files)")
+        o.cache = (False, "NoSpace", message)
+        o.stalled = ("NoSpace", message)
+        return False
+    events.info(apis.core, body, "CacheExpanding",
+                f"PVC {claim['metadata']['name']}: {capacity} -> {size} for {needed / 2**30:.2f} GiB of weights")
+    o.cache = (False, "Expanding", f"PVC {claim['metadata']['name']} is being expanded from {capacity} to {size}")
+    o.retry, o.retry_delay = o.cache[2], 5
+    return False
+
+
+def cache_needs(users: list[ModelDeploymentSpec], config: OperatorConfig, apis: Apis):
+    """Bytes that the weights of every ModelDeployment using this cache need, as the hubs list them (unknown ones
+    count 0: their pull checks space itself); PENDING while a hub is being asked."""
+    weights, total = set(), 0
+    for user in users:
+        if (key := weights_key(user, config)) in weights:
+            continue
+        weights.add(key)
+        nbytes = hub_listed_bytes(user, config, apis)
+        if nbytes is PENDING:
+            return PENDING
+        total += nbytes or 0
+    return total
+
+
+def hub_listed_bytes(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Apis):
+    """What the pull's first endpoint lists, asked without a token (a gated repository's sizes stay unknown: the
+    pull pod, which holds the token, checks space itself)."""
+    model = spec.model
+    return apis.hub_sizes.selected_bytes(endpoints.pull_endpoints(spec, config)[0], model.id, model.revision,
+                                         model.files, model.allow_pickle)
+
+
+def estimated_cache_size(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Apis):
+    """For a PVC the user did not size: the selected files' sizes as the hub lists them, with headroom; the
+    configured default when the hub does not tell; PENDING while it is being asked."""
+    if spec.cache.size:
+        return None, ""
+    nbytes = hub_listed_bytes(spec, config, apis)
+    if nbytes is PENDING:
+        return PENDING, ""
+    if nbytes is None:
+        return None, f" ({config.cache.size}, the default: the hub did not list the files' sizes)"
+    size = claim_size(nbytes)
+    return size, f" ({size}: the hub lists {nbytes / 2**20:.0f} MiB for the selected files)"
+
+
+def latest_event(apis: Apis, namespace: str, kind: str, name: str) -> str | None:
+    found = apis.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}").items
+    found.sort(key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+    return found[-1].message if found else None
+
+
+# -- 2. the weights ---------------------------------------------------------------------------------------------------
+def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, o: Observation) -> str | None:
+    """The pull Job of this resource's weights key: created when absent, read when there. The commit once pulled.
+    The operator never reads the token Secret: the pull pod gets it through secretKeyRef, and a missing one shows as
+    the pod's CreateContainerConfigError, which the pull state names."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    key = weights_key(spec, config)
+    job_name = pull_job_name(spec, key)
+    o.fields.update(weightsKey=key, download={"job": job_name})
+    job = read_or_none(apis.batch.read_namespaced_job, job_name, namespace)
+    if job is None:
+        too_small = cache_too_small(spec, config, apis, o.fields["cache"]["capacity"])
+        if too_small is PENDING:
+            o.weights = (False, "Sizing", f"asking the hub for the sizes of {spec.model.id}'s files")
+            o.retry, o.retry_delay = o.weights[2], 2
+            return None
+        if too_small:
+            o.weights = (False, "NoSpace", too_small)
+            o.stalled = ("NoSpace", too_small)
+            return None
+        # A branch resolved once stays pinned until the spec changes: a re-created Job pulls that commit again.
+        status = body.get("status") or {}
+        pinned = status.get("resolvedRevision") if status.get("weightsKey") == key else None
+        if create_if_absent(apis.batch.create_namespaced_job, namespace, build_pull_job(spec, config, key, pinned)):
+            events.info(apis.core, body, "PullStarted",
+                        f"pull job {job_name} created for {spec.model.id}@{pinned or spec.model.revision}")
+            log.info("mdep %s/%s: pull job %s created for %s@%s", namespace, name, job_name, spec.model.id,
+                     pinned or spec.model.revision)
+        o.weights = (False, "Pulling", f"pull job {job_name} started")
+        return None
+    job = apis.plain(job)
+    pods = pods_of(apis, namespace, f"job-name={job_name}")
+    state = pull_state(job, pods)
+    if state.rerun:
+        apis.batch.delete_namespaced_job(job_name, namespace, propagation_policy="Background")
+        o.weights = (False, state.reason, state.message)
+        o.retry, o.retry_delay = state.message, 2
+        return None
+    if not state.done:
+        o.weights = (False, state.reason, state.message)
+        if state.permanent:
+            o.stalled = (state.reason, f"pull job {job_name}: {state.message}")
+        elif progress := last_progress(apis, namespace, pods):
+            o.fields["download"].update(progress)
+        return None
+    if RESULT_ANNOTATION not in (job["metadata"].get("annotations") or {}):
+        remember_result(apis, namespace, job_name, state.result)
+    commit = state.result["commit"]
+    o.fields.update(resolvedRevision=commit)
+    o.fields["download"].update(bytes=state.result.get("bytes"), totalBytes=state.result.get("bytes"),
+                                files=state.result.get("files"), bytesPerSecond=None, etaSeconds=None)  # None: removed
+    o.weights = (True, "Pulled", state.message)
+    return commit
+
+
+def remember_result(apis: Apis, namespace: str, job_name: str, result: dict) -> None:
+    """The result on the Job itself, so it outlives the pull pod."""
+    try:
+        apis.batch.patch_namespaced_job(job_name, namespace, {"metadata": {"annotations": {
+            RESULT_ANNOTATION: json.dumps(result, sort_keys=True)}}})
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def cache_too_small(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Apis, capacity: str | None):
+    """Before a pull: a message when the hub lists more bytes for the selected files than the cache PVC holds in
+    all (what other models already use there is the puller's own check, on the mounted volume); PENDING while the
+    hub is being asked."""
+    if not capacity:
+        return None
+    needed = hub_listed_bytes(spec, config, apis)
+    if needed is PENDING or needed is None:
+        return needed
+    if needed <= parse_quantity(capacity):
+        return None
+    return (f"the cache PVC {spec.cache.claim_name} holds {capacity} but the hub lists {needed / 2**20:.0f} MiB for "
+            f"{spec.model.id}'s selected files: use a larger cache (spec.cache) or fewer files (spec.model.files)")
+
+
+# -- 3. serving -------------------------------------------------------------------------------------------------------
+def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, o: Observation,
+                 commit: str) -> None:
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    deployment, service = build_deployment(name, spec, config, commit), build_service(name, spec)
+    children = [deployment, service]
+    if spec.monitoring.enabled and config.monitoring.pod_monitors == "auto" and pod_monitors_exist(
+            apis, config.monitoring.discovery_interval_seconds):
+        children.append(build_pod_monitor(name))
+    group, version, plural = POD_MONITOR_API
+    writers = {
+        "Deployment": apis.apps.patch_namespaced_deployment,
+        "Service": apis.core.patch_namespaced_service,
+        "PodMonitor": lambda n, ns, b, **kw: apis.custom.patch_namespaced_custom_object(group, version, ns, plural,
+                                                                                        n, b, **kw),
+    }
+    live = None
+    try:
+        for child in children:
+            kopf.adopt(child, owner=dict(body))
+            applied = apply(writers[child["kind"]], namespace, child)
+            if child["kind"] == "Deployment":
+                live = apis.plain(applied)
+    except Refused as refused:
+        o.available = (False, "Refused", f"the API server refused {refused}")
+        o.stalled = ("Refused", o.available[2])
+        return
+    status, wanted = live.get("status") or {}, spec.replicas
+    ready = status.get("readyReplicas") or 0
+    current = (status.get("observedGeneration") or 0) >= live["metadata"]["generation"] and \
+        (status.get("updatedReplicas") or 0) >= wanted
+    o.fields.update(replicas=status.get("replicas") or 0, readyReplicas=ready, readyText=f"{ready}/{wanted}",
+                    selector=",".join(f"{k}={v}" for k, v in server_selector(name).items()),
+                    endpoint=f"http://{name}.{namespace}.svc:{spec.service.port}")
+    if current and ready >= wanted:
+        o.available = (True, "ReplicasReady", f"{ready}/{wanted} replicas ready")
+        return
+    selector = ",".join(f"{k}={v}" for k, v in server_selector(name).items())
+    problem = server_problem(pods_of(apis, namespace, selector))
+    reason = "Unschedulable" if "cannot be scheduled" in problem else (
+        "RollingOut" if not current else "ReplicasNotReady")
+    o.available = (False, reason, f"{ready}/{wanted} replicas ready{problem}")
+
+
+def pod_monitors_exist(apis: Apis, interval: float) -> bool:
+    """Whether the Prometheus Operator's PodMonitor kind is served (API discovery, looked up again after
+    `interval` seconds)."""
+    now = time.monotonic()
+    if apis.pod_monitors_checked is None or now - apis.pod_monitors_checked[0] > interval:
+        group, version, plural = POD_MONITOR_API
+        try:
+            resources = apis.custom.get_api_resources(group, version).resources
+            found = any(r.name == plural for r in resources)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            found = False
+        apis.pod_monitors_checked = (now, found)
+    return apis.pod_monitors_checked[1]
+

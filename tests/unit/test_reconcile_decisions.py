@@ -1,0 +1,135 @@
+"""The reconcile's decisions over Kubernetes objects as the API serves them (shapes recorded from the local cluster):
+the pull state from a Job and its pods, why serving pods are not ready, when a status write is needed, which pull Jobs
+are garbage, and the conditions a step's observation becomes."""
+
+from __future__ import annotations
+
+import json
+
+from modeldeploy.config import OperatorConfig
+from modeldeploy.reconcile.children import server_problem
+from modeldeploy.reconcile.garbage import unused_jobs
+from modeldeploy.reconcile.pull_state import RESULT_ANNOTATION, pull_state
+from modeldeploy.reconcile.status import Observation, status_patch, unchanged
+
+COMMIT = "c" * 40
+COMPLETE = {"event": "complete", "commit": COMMIT, "files": 7, "bytes": 91_000_000, "cached": False}
+
+
+def job(conditions=(), annotations=None) -> dict:
+    return {"metadata": {"name": "pull-m-0123456789ab", "namespace": "ml", "annotations": annotations or {},
+                         "labels": {"modeldeploy.io/weights": "0123456789ab"}},
+            "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": m}
+                                      for t, r, m in conditions]}}
+
+
+def pod(created: str, terminated: dict | None = None, waiting: dict | None = None, unschedulable: str | None = None,
+        phase: str = "Pending") -> dict:
+    state = {"terminated": terminated} if terminated else {"waiting": waiting} if waiting else {"running": {}}
+    conditions = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}] \
+        if unschedulable else [{"type": "PodScheduled", "status": "True"}]
+    return {"metadata": {"name": f"pull-{created[-2:]}", "creationTimestamp": created},
+            "status": {"phase": phase, "conditions": conditions,
+                       "containerStatuses": [] if unschedulable else [{"name": "pull", "state": state}]}}
+
+
+def exited(code: int, line: dict | None = None, reason: str = "Error") -> dict:
+    return {"exitCode": code, "reason": reason, "message": json.dumps(line) if line else ""}
+
+
+def test_the_jobs_completion_decides_and_its_result_outlives_the_pods():
+    done = pull_state(job([("Complete", None, None)]), [pod("2026-11-25T10:00:01Z", exited(0, COMPLETE, "Completed"))])
+    assert done.done and done.result["commit"] == COMMIT and "7 files" in done.message
+    kept = pull_state(job([("Complete", None, None)], {RESULT_ANNOTATION: json.dumps(COMPLETE)}), [])
+    assert kept.done and kept.result["commit"] == COMMIT                  # the pod was garbage-collected
+    lost = pull_state(job([("Complete", None, None)]), [])
+    assert lost.rerun and not lost.done                                    # run again: the cache has the files
+
+
+def test_a_pod_that_exited_0_is_not_done_before_the_job_says_so():
+    state = pull_state(job(), [pod("2026-11-25T10:00:01Z", exited(0, COMPLETE, "Completed"))])
+    assert not state.done and not state.failed
+
+
+def test_every_way_a_pull_ends_reaches_the_status():
+    oom = pull_state(job([("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]),
+                     [pod("2026-11-25T10:00:01Z", exited(137, reason="OOMKilled")),
+                      pod("2026-11-25T10:00:09Z", exited(137, reason="OOMKilled"))])
+    assert (oom.permanent, oom.reason) == (True, "OOMKilled") and "BackoffLimitExceeded" in oom.message
+    deadline = pull_state(job([("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]), [])
+    assert (deadline.permanent, deadline.reason) == (True, "DeadlineExceeded")
+    backoff = pull_state(job([("Failed", "BackoffLimitExceeded", "")]),
+                         [pod("2026-11-25T10:00:01Z", exited(4, {"event": "failed", "reason": "NetworkError",
+                                                                  "message": "connection reset"}))])
+    assert (backoff.reason, backoff.permanent) == ("NetworkError", True) and "connection reset" in backoff.message
+    lost_pods = pull_state(job([("Failed", "BackoffLimitExceeded", "backoff limit")]), [])
+    assert (lost_pods.reason, lost_pods.permanent) == ("BackoffLimitExceeded", True)
+
+
+def test_the_puller_s_permanent_failures_stop_at_once_and_transient_ones_retry():
+    missing = pull_state(job(), [pod("2026-11-25T10:00:01Z", exited(3, {"event": "failed", "reason": "NotFound",
+                                                                         "message": "no such model"}))])
+    assert (missing.reason, missing.permanent) == ("NotFound", True)
+    retrying = pull_state(job(), [pod("2026-11-25T10:00:01Z", exited(4, {"event": "failed", "reason": "Stalled",
+                                                                          "message": "no bytes"}))])
+    assert (retrying.reason, retrying.permanent, retrying.failed) == ("Retrying", False, True)
+    newer_running = pull_state(job(), [pod("2026-11-25T10:00:01Z", exited(137, reason="OOMKilled")),
+                                       pod("2026-11-25T10:00:30Z", phase="Running")])
+    assert (newer_running.reason, newer_running.failed) == ("Pulling", False)
+
+
+def test_a_pull_pod_that_cannot_start_says_why():
+    secret = pull_state(job(), [pod("2026-11-25T10:00:01Z", waiting={
+        "reason": "CreateContainerConfigError", "message": 'secret "hf-token" not found'})])
+    assert secret.reason == "CreateContainerConfigError" and 'secret "hf-token" not found' in secret.message
+    unscheduled = pull_state(job(), [pod("2026-11-25T10:00:01Z", unschedulable="0/1 nodes are available: 1 node(s) "
+                                                                                "didn't find available persistent "
+                                                                                "volumes to bind.")])
+    assert unscheduled.reason == "Unschedulable" and "persistent volumes" in unscheduled.message
+    creating = pull_state(job(), [pod("2026-11-25T10:00:01Z", waiting={"reason": "ContainerCreating"})])
+    assert creating.reason == "Pulling"
+
+
+def test_why_serving_pods_are_not_ready():
+    assert server_problem([pod("2026-11-25T10:00:01Z", unschedulable="0/1 nodes are available: 1 Insufficient "
+                                                                     "nvidia.com/gpu.")]) \
+        .endswith("cannot be scheduled: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu.")
+    assert "ImagePullBackOff" in server_problem([pod("2026-11-25T10:00:01Z", waiting={"reason": "ImagePullBackOff"})])
+    assert server_problem([pod("2026-11-25T10:00:01Z", phase="Running")]) == ""
+
+
+def test_a_reconcile_that_found_nothing_new_writes_nothing():
+    observation = Observation(generation=2, cache=(True, "Bound", "PVC model-cache is bound (1Gi)"),
+                              weights=(True, "Pulled", "7 files"), available=(True, "ReplicasReady", "1/1"),
+                              fields={"download": {"job": "j", "bytes": 9, "bytesPerSecond": None}})
+    first, _ = status_patch(observation, [])
+    stored = json.loads(json.dumps({**first, "download": {"job": "j", "bytes": 9}, "kopf": {"progress": {}}}))
+    again, changed = status_patch(observation, stored["conditions"])
+    assert not changed and unchanged(stored, again)
+    moved = Observation(**{**observation.__dict__, "available": (False, "ReplicasNotReady", "0/1")})
+    assert not unchanged(stored, status_patch(moved, stored["conditions"])[0])
+    assert not unchanged({**stored, "download": {"job": "j", "bytes": 9, "bytesPerSecond": 5}}, again)
+
+
+def mdep(name: str, model: str, namespace: str = "ml", deleting: bool = False) -> dict:
+    meta = {"name": name, "namespace": namespace, **({"deletionTimestamp": "2026-11-25T10:00:00Z"} if deleting else {})}
+    return {"apiVersion": "modeldeploy.io/v1alpha1", "kind": "ModelDeployment", "metadata": meta,
+            "spec": {"model": {"id": model}}}
+
+
+def test_pull_jobs_no_live_resource_needs_are_garbage():
+    from modeldeploy.build.common import weights_key
+    from modeldeploy.api import parse_spec
+
+    config = OperatorConfig()
+    live, gone, other_ns = mdep("a", "org/a"), mdep("b", "org/b", deleting=True), mdep("c", "org/c", "other")
+
+    def job_of(body) -> dict:
+        key = weights_key(parse_spec(body), config)
+        return {"metadata": {"name": f"pull-{key}", "namespace": body["metadata"]["namespace"],
+                             "labels": {"modeldeploy.io/weights": key}}}
+
+    jobs = [job_of(live), job_of(gone), job_of(mdep("x", "org/c"))]    # org/c is live only in another namespace
+    assert [j["metadata"]["name"] for j in unused_jobs(jobs, [live, gone, other_ns], config)] == \
+        [jobs[1]["metadata"]["name"], jobs[2]["metadata"]["name"]]
+    assert unused_jobs(jobs[:1], [live], config) == []
