@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from modeldeploy import __version__, render
+from modeldeploy import __version__, prune, render
 from modeldeploy.monitor import cli as monitor_cli
 from modeldeploy.pull import cli as pull_cli
 from modeldeploy.reconcile import cli as operator_cli
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     pull_cli.register(commands)
+    prune.register(commands)
     serve_cli.register(commands)
     render.register(commands)
     operator_cli.register(commands)
