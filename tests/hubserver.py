@@ -97,7 +97,7 @@ class HubFlavor:
 @dataclasses.dataclass
 class Fault:
     """One injected fault: applies to requests whose file path matches `path` (fnmatch), `times` times."""
-    kind: str            # status | drop | corrupt | truncate | trickle | slow
+    kind: str            # status | drop | corrupt | truncate | trickle | slow | hang
     path: str = "*"
     times: int = 1
     status: int = 500
@@ -110,9 +110,21 @@ class Fault:
 
 
 class HubServer:
-    def __init__(self, flavor: HubFlavor | None = None, bandwidth: float | None = None):
+    """`bandwidth`: bytes/s shared by all connections, like one network link; `per_connection`: bytes/s each
+    response body may use at most, like a link whose round-trip time or shaping caps one TCP stream;
+    `drop_every`: a response is cut (fewer bytes than its Content-Length) each time the hub has sent about this many
+    more body bytes, like a lossy path. A `hang` fault on `/api/info` or `/api/tree` accepts the request and never
+    answers (until the client goes away or the server stops)."""
+
+    def __init__(self, flavor: HubFlavor | None = None, bandwidth: float | None = None,
+                 per_connection: float | None = None, drop_every: int | None = None):
         self.flavor = flavor or HubFlavor()
-        self.bandwidth = bandwidth          # bytes/s shared by all connections, like one network link
+        self.bandwidth = bandwidth
+        self.per_connection = per_connection
+        self.drop_every = drop_every
+        self.drops = 0
+        self._next_drop = drop_every
+        self._stopping = False
         self._link_free_at = 0.0
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
@@ -187,6 +199,7 @@ class HubServer:
         return self.url
 
     def stop(self) -> None:
+        self._stopping = True
         if self._loop and self._runner:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -231,10 +244,18 @@ class HubServer:
             entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": len(f.pointer)}
         return entry
 
+    async def _hang(self, request: web.Request) -> web.Response:
+        while not self._stopping and request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.05)
+        return self._error(503, None, "hung")
+
     async def repo_info(self, request: web.Request) -> web.Response:
         self.requests[("GET", "info")] += 1
-        if (fault := self._take_fault("GET", "/api/info")) and fault.kind == "status":
+        fault = self._take_fault("GET", "/api/info")
+        if fault and fault.kind == "status":
             return self._status_fault(fault)
+        if fault and fault.kind == "hang":
+            return await self._hang(request)
         repo, commit, error = self._lookup(request)
         if error:
             return error
@@ -252,8 +273,11 @@ class HubServer:
 
     async def tree(self, request: web.Request) -> web.Response:
         self.requests[("GET", "tree")] += 1
-        if (fault := self._take_fault("GET", "/api/tree")) and fault.kind == "status":
+        fault = self._take_fault("GET", "/api/tree")
+        if fault and fault.kind == "status":
             return self._status_fault(fault)
+        if fault and fault.kind == "hang":
+            return await self._hang(request)
         repo, commit, error = self._lookup(request)
         if error:
             return error
@@ -299,18 +323,20 @@ class HubServer:
         headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes", "ETag": f'"{etag}"'}
         if f.is_lfs and self.flavor.lfs_metadata:
             headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
-        start = 0
-        if (range_header := request.headers.get("Range", "")).startswith("bytes="):
-            start = int(range_header[6:].split("-")[0] or 0)
-        if method == "GET":
-            self.range_starts.setdefault(path, []).append(start)
         data = f.data[:-fault.short_by] if fault and fault.kind == "truncate" else f.data
         if fault and fault.kind == "truncate" and "X-Linked-Size" in headers:
             headers["X-Linked-Size"] = str(len(data))
-        body = data[start:]
-        status = 206 if start else 200
-        if start:
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        start, end, ranged = 0, len(data), False
+        if (range_header := request.headers.get("Range", "")).startswith("bytes="):
+            first, _, last = range_header[6:].partition("-")
+            start, ranged = int(first or 0), True
+            end = min(len(data), int(last) + 1) if last else len(data)
+        if method == "GET":
+            self.range_starts.setdefault(path, []).append(start)
+        body = data[start:end]
+        status = 206 if ranged and (start or end < len(data)) else 200
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         headers["Content-Length"] = str(len(body))
         if method == "HEAD":
             return web.Response(status=200, headers=headers)
@@ -327,7 +353,13 @@ class HubServer:
         if fault and fault.kind == "drop":
             cut = min(fault.after_bytes, len(body))
         offset = 0
+        connection_free_at = time.monotonic()
         while offset < cut:
+            if self.drop_every and self.total_bytes_sent >= self._next_drop:
+                self._next_drop = self.total_bytes_sent + self.drop_every
+                self.drops += 1
+                request.transport.close()
+                return
             if fault and fault.kind == "trickle" and offset >= fault.after_bytes:
                 piece = body[offset:offset + 16]
                 await asyncio.sleep(fault.delay)
@@ -336,6 +368,9 @@ class HubServer:
                 if fault and fault.kind == "slow":
                     await asyncio.sleep(fault.delay)
             await self._throttle(len(piece))
+            if self.per_connection:
+                connection_free_at = max(connection_free_at, time.monotonic()) + len(piece) / self.per_connection
+                await asyncio.sleep(max(0.0, connection_free_at - time.monotonic()))
             await response.write(piece)
             offset += len(piece)
             with self._lock:

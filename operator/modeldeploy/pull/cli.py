@@ -4,7 +4,7 @@ File patterns are positional and come after `--`, so nothing a pattern says is e
 outcome, a refused argument included, ends with one `complete` or `failed` JSON line on stdout and in the
 termination log. Exit codes: 0 pulled (or already complete), 1 internal error, 3 permanent failure (invalid
 arguments, not found, no access, unsafe path, invalid commit, nothing selected), 4 transient failure (network, rate
-limit, stall, deadline), 5 no space in the cache, 6 integrity failure after retries."""
+limit, stall, deadline, endpoints disagreeing on the commit), 5 no space in the cache, 6 integrity failure after retries."""
 
 from __future__ import annotations
 
@@ -68,13 +68,19 @@ def register(subparsers) -> None:
                    help="also pull pickle weights (*.bin, *.pt) when safetensors exist")
     p.add_argument("--checksum", action="append", type=checksum, default=[], metavar="PATH=SHA256",
                    help="a sha256 to check PATH against (for hubs that publish no hashes)")
-    p.add_argument("--endpoint", help="hub or mirror URL (default: the source's own)")
+    p.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                   help="hub or mirror URL; repeat for fallbacks, tried in order (default: the source's own)")
     p.add_argument("--token-env", help="environment variable holding the token (default: HF_TOKEN for "
                                        "huggingface, GITEE_TOKEN for gitee)")
     p.add_argument("--timeout", type=positive(float), default=30.0, help="seconds per network read (default 30)")
     p.add_argument("--retries", type=int, default=5, help="attempts after the first (default 5)")
     p.add_argument("--retry-wait", type=positive(float), default=2.0, help="first backoff in seconds (default 2)")
     p.add_argument("--workers", type=positive(int), default=4, help="files downloaded at once (default 4)")
+    p.add_argument("--streams-per-file", type=positive(int), default=4,
+                   help="ranged streams at once for one file of at least --split-size bytes (default 4)")
+    p.add_argument("--streams", type=positive(int), default=8, help="streams at once in all (default 8)")
+    p.add_argument("--split-size", type=positive(int), default=64 << 20,
+                   help="files at least this many bytes are fetched as ranged segments (default 64 MiB)")
     p.add_argument("--stall-timeout", type=positive(float), default=60.0,
                    help="cut and retry when less than --stall-bytes arrive in this many seconds (default 60)")
     p.add_argument("--stall-bytes", type=positive(int), default=64 * 1024)
@@ -140,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
     emit = emit_json(token, termination_log)
     options = PullOptions(
         source=source, repo_id=args.model, revision=args.revision, cache_dir=args.cache_dir,
-        endpoint=args.endpoint, patterns=args.patterns or None, excludes=args.exclude, allow_pickle=args.allow_pickle,
+        endpoints=args.endpoint, patterns=args.patterns or None, excludes=args.exclude, allow_pickle=args.allow_pickle,
         checksums=dict(args.checksum), timeout=args.timeout, retries=max(0, args.retries),
         retry_wait=args.retry_wait, workers=args.workers, stall_timeout=args.stall_timeout,
-        stall_bytes=args.stall_bytes, deadline=args.deadline, progress_interval=args.progress_interval, token=token)
+        stall_bytes=args.stall_bytes, deadline=args.deadline, progress_interval=args.progress_interval,
+        streams_per_file=args.streams_per_file, streams=args.streams, split_size=args.split_size, token=token)
     # huggingface_hub logs its own retries as warnings, with URLs; keep them, they carry no token.
     logging.getLogger("huggingface_hub").setLevel(logging.WARNING)
     logging.getLogger("httpx2").setLevel(logging.WARNING)

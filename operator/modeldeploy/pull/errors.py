@@ -14,6 +14,7 @@ class Reason(str, enum.Enum):
     UNSAFE_PATH = "UnsafePath"
     NO_FILES = "NoFilesSelected"
     INVALID_COMMIT = "InvalidCommit"         # the hub resolved the revision to something that is not a 40-hex commit
+    PROXY_REFUSED = "ProxyRefused"           # the forward proxy (HTTP(S)_PROXY) refused or failed the request
     INTERNAL = "InternalError"
     NO_SPACE = "NoSpace"
     INTEGRITY = "IntegrityError"
@@ -22,10 +23,12 @@ class Reason(str, enum.Enum):
     RATE_LIMITED = "RateLimited"
     STALLED = "Stalled"
     DEADLINE = "DeadlineExceeded"
+    COMMIT_MISMATCH = "CommitMismatch"       # the endpoints resolve the revision to different commits (a lagging
+                                             # mirror): the pod stops; a later pod may find them agreeing
 
 
 PERMANENT = {Reason.INVALID_ARGUMENTS, Reason.NOT_FOUND, Reason.UNAUTHORIZED, Reason.UNSAFE_PATH, Reason.NO_FILES,
-             Reason.INVALID_COMMIT, Reason.INTERNAL}
+             Reason.INVALID_COMMIT, Reason.PROXY_REFUSED, Reason.INTERNAL}
 
 # Exit codes of `modeldeploy pull` (0 is success, 1 a bug). Invalid arguments exit 3 with their `failed` line, like
 # any permanent failure, so the operator reads a reason; 2 is left to the top-level `modeldeploy` parser (no
@@ -82,6 +85,11 @@ def classify(error: BaseException, what: str) -> PullError:
         return PullError(Reason.NOT_FOUND, f"{what}: repository not found")
     if isinstance(error, hf.HfHubHTTPError) and error.response is not None:
         status = error.response.status_code
+        proxy = proxy_for(str(error.response.request.url)) if error.response.request is not None else None
+        hub_headers = {"x-error-code", "x-repo-commit", "x-request-id", "x-error-message"}
+        if proxy and status in (403, 407) and not hub_headers & {h.lower() for h in error.response.headers}:
+            return PullError(Reason.PROXY_REFUSED, f"{what}: the proxy at {proxy} refused the request (HTTP "
+                                                   f"{status}); check HTTPS_PROXY/HTTP_PROXY/NO_PROXY")
         if status in (401, 403):
             return PullError(Reason.UNAUTHORIZED, f"{what}: {status} from the hub - the token has no access")
         if status == 429:
@@ -94,7 +102,24 @@ def classify(error: BaseException, what: str) -> PullError:
     if isinstance(error, OSError) and "Consistency check failed" in str(error):
         return PullError(Reason.INTEGRITY, f"{what}: received size differs from the announced size")
     name = type(error).__name__
+    if name == "ProxyError":       # httpx: the proxy refused a CONNECT or could not be reached
+        return PullError(Reason.PROXY_REFUSED, f"{what}: the proxy failed the request: {str(error).splitlines()[0]}")
     detail = f"{what}: {name}: {str(error).splitlines()[0] if str(error) else name}"
     if isinstance(error, (hf.HTTPError, OSError, TimeoutError)):  # hf.HTTPError: its HTTP client's base error
         return PullError(Reason.NETWORK, detail)
     return PullError(Reason.INTERNAL, detail)
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy (host:port, no credentials) the environment routes `url` through, or None."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.hostname or urllib.request.proxy_bypass_environment(parts.hostname):
+        return None
+    proxy = urllib.request.getproxies_environment().get(parts.scheme)
+    if not proxy:
+        return None
+    where = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return f"{where.hostname}:{where.port}" if where.port else where.hostname

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from modeldeploy import cache_layout
-from modeldeploy.pull import worker
+from modeldeploy.pull import transfer, worker
 from modeldeploy.pull.errors import PullError, Reason, classify
 from modeldeploy.pull.integrity import Expected
 from modeldeploy.pull.names import COMMIT_RE
@@ -30,6 +30,9 @@ from modeldeploy.pull.sources import Source
 
 # Headroom kept free when checking that the cache can hold a download.
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
+TERMINATION_LIMIT = 4000
+# Failures that move a pull on to the next endpoint once its retries are spent.
+FALLBACK = {Reason.NETWORK, Reason.RATE_LIMITED, Reason.STALLED}
 
 Emit = Callable[[dict], None]
 
@@ -40,7 +43,7 @@ class PullOptions:
     repo_id: str
     revision: str
     cache_dir: Path
-    endpoint: str | None = None
+    endpoints: list[str] = field(default_factory=list)   # in order of preference; empty: the source's own hub
     patterns: list[str] | None = None
     excludes: list[str] = field(default_factory=list)
     allow_pickle: bool = False
@@ -53,11 +56,14 @@ class PullOptions:
     stall_bytes: int = 64 * 1024
     deadline: float | None = None
     progress_interval: float = 5.0
+    streams_per_file: int = 4
+    streams: int = 8
+    split_size: int = 64 << 20
     token: str | None = field(default=None, repr=False)
 
     @property
-    def hub(self) -> str:
-        return (self.endpoint or self.source.endpoint).rstrip("/")
+    def hubs(self) -> list[str]:
+        return [e.rstrip("/") for e in self.endpoints] or [self.source.endpoint]
 
     def selection_spec(self) -> list[str]:
         """What decides the file set, for the completion marker's key."""
@@ -70,6 +76,13 @@ class Puller:
         self.emit = emit
         self.started = time.monotonic()
         self.deadline = self.started + options.deadline if options.deadline else None
+        self.endpoint_index = 0
+        self.resolved: dict[str, str] = {}        # endpoint -> the commit it resolved the revision to
+        self.served: dict[str, tuple[str, str, int]] = {}   # path -> (check, endpoint, bytes received)
+
+    @property
+    def hub(self) -> str:
+        return self.o.hubs[self.endpoint_index]
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -84,41 +97,58 @@ class Puller:
 
         files = self.with_retries("listing the repository", lambda: self.list_files(commit))
         missing = [f for f in files if not self.present(commit, f)]
-        self.check_space(sum(f.size or 0 for f in missing))
-        checks = self.download(commit, files)
+        self.check_space(sum((f.size or 0) - transfer.partial_bytes(self.partial(commit, f), f.size) for f in missing))
+        self.download(commit, files)
         record = {
-            "repo": self.o.repo_id, "commit": commit, "source": self.o.source.name, "endpoint": self.o.hub,
-            "files": {f.path: {"size": f.size, "check": checks[f.path]} for f in files},
+            "repo": self.o.repo_id, "commit": commit, "source": self.o.source.name, "endpoint": self.o.hubs[0],
+            "files": {f.path: {"size": f.size, "check": self.served[f.path][0], "endpoint": self.served[f.path][1]}
+                      for f in files},
             "bytes": sum(f.size or 0 for f in files),
         }
         cache_layout.write_marker(marker, record)
         self.write_ref(commit)
-        return self.result(commit, record, downloaded=sum(f.size or 0 for f in missing), cached=False)
+        return self.result(commit, record, downloaded=sum(received for _, _, received in self.served.values()),
+                           cached=False)
 
     def resolve(self) -> str:
         """The revision's commit: a 40-hex revision as it is, else what the hub answers, which must be 40-hex too
         (it names folders in the cache and the runtime's `--revision`)."""
         if COMMIT_RE.fullmatch(self.o.revision):
             return self.o.revision
+        what = f"resolving {self.o.repo_id}@{self.o.revision}"
+        return self.with_retries(what, lambda: self.resolve_at(self.hub))
+
+    def resolve_at(self, hub: str) -> str:
+        from huggingface_hub import HfApi
 
         def info() -> str:
-            from huggingface_hub import HfApi
-
-            api = HfApi(endpoint=self.o.hub, token=self.o.token or False)
+            api = HfApi(endpoint=hub, token=self.o.token or False)
             return api.model_info(self.o.repo_id, revision=self.o.revision, timeout=self.o.timeout).sha
 
-        what = f"resolving {self.o.repo_id}@{self.o.revision}"
-        commit = self.with_retries(what, lambda: self.supervised(what, info))
+        commit = self.supervised(f"resolving {self.o.repo_id}@{self.o.revision} at {hub}", info)
         if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):
-            raise PullError(Reason.INVALID_COMMIT, f"{self.o.hub} resolved {self.o.repo_id}@{self.o.revision} to "
+            raise PullError(Reason.INVALID_COMMIT, f"{hub} resolved {self.o.repo_id}@{self.o.revision} to "
                                                    f"{str(commit)[:80]!r}, not a 40-hex commit; refusing to use it")
+        self.resolved[hub] = commit
         return commit
+
+    def agreed(self, commit: str) -> None:
+        """Before an endpoint other than the one that resolved the revision serves anything: it must resolve the
+        revision to the same commit (a mirror that lags behind the hub would otherwise mix two commits)."""
+        if COMMIT_RE.fullmatch(self.o.revision) or self.hub in self.resolved:
+            return
+        theirs = self.resolve_at(self.hub)
+        if theirs != commit:
+            first = next(iter(self.resolved))
+            raise PullError(Reason.COMMIT_MISMATCH, f"{first} resolved {self.o.repo_id}@{self.o.revision} to "
+                                                    f"{commit} but {self.hub} to {theirs}; not mixing them")
 
     def list_files(self, commit: str) -> list[Expected]:
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFile
 
-        api = HfApi(endpoint=self.o.hub, token=self.o.token or False)
+        self.agreed(commit)
+        api = HfApi(endpoint=self.hub, token=self.o.token or False)
         seen = [0]
 
         def listing() -> list:
@@ -161,7 +191,7 @@ class Puller:
             if advanced() != mark:
                 mark, last_advance = advanced(), now
             if now - last_advance > self.o.stall_timeout:
-                raise PullError(Reason.STALLED, f"{what}: no answer from {self.o.hub} in "
+                raise PullError(Reason.STALLED, f"{what}: no answer from {self.hub} in "
                                                 f"{self.o.stall_timeout:.0f}s; cutting it off")
             if self.deadline and now > self.deadline:
                 raise PullError(Reason.DEADLINE, f"{what}: the pull ran past its {self.o.deadline:.0f}s deadline")
@@ -176,23 +206,40 @@ class Puller:
             raise PullError(Reason.NO_SPACE, f"the cache needs {human(needed)} more for {self.o.repo_id} but has "
                                              f"{human(free)} free")
 
-    def download(self, commit: str, files: list[Expected]) -> dict[str, str]:
-        plan = worker.Plan(repo_id=self.o.repo_id, commit=commit, cache_dir=str(self.o.cache_dir),
-                           endpoint=self.o.hub, files=files, timeout=self.o.timeout, workers=self.o.workers,
-                           token=self.o.token)
-        return self.with_retries(f"downloading {self.o.repo_id}@{commit[:12]}", lambda: self.attempt(plan))
+    def download(self, commit: str, files: list[Expected]) -> None:
+        keep = {transfer.blob_name(f, self.o.repo_id, commit) for f in files}
+
+        def attempt() -> None:
+            self.agreed(commit)
+            plan = worker.Plan(repo_id=self.o.repo_id, commit=commit, cache_dir=str(self.o.cache_dir),
+                               endpoint=self.hub, files=[f for f in files if f.path not in self.served],
+                               timeout=self.o.timeout, workers=self.o.workers, streams_per_file=self.o.streams_per_file,
+                               streams=self.o.streams, split_size=self.o.split_size,
+                               reclaim_after=self.o.stall_timeout, keep=keep, token=self.o.token)
+            if plan.files:
+                self.attempt(plan, files)
+
+        self.with_retries(f"downloading {self.o.repo_id}@{commit[:12]}", attempt)
 
     # -- one supervised attempt -----------------------------------------------------------------------------------
-    def attempt(self, plan: worker.Plan) -> dict[str, str]:
+    def attempt(self, plan: worker.Plan, files: list[Expected]) -> None:
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
         child = context.Process(target=worker.run, args=(plan, results), name="pull-worker", daemon=True)
         child.start()
-        progress = Progress(self.o.cache_dir, plan, self.o.stall_bytes)
+        progress = Progress(self.o.cache_dir, self.o.repo_id, plan.commit, files, self.o.stall_bytes)
         try:
             while True:
                 try:
-                    outcome = results.get(timeout=min(1.0, self.o.progress_interval))
+                    message = results.get(timeout=min(1.0, self.o.progress_interval))
+                    if message[0] == "file":
+                        _, path, check, received = message
+                        self.served[path] = (check, plan.endpoint, received)
+                        continue
+                    if message[0] == "reclaimed":
+                        if message[1]:
+                            self.emit({"event": "reclaimed", "files": message[1], "bytes": message[2]})
+                        continue
                     break
                 except queue.Empty:
                     pass
@@ -204,27 +251,40 @@ class Puller:
                     raise PullError(Reason.NETWORK, f"the download process died (exit code {child.exitcode})")
                 if now - progress.last_advance > self.o.stall_timeout:
                     raise PullError(Reason.STALLED, f"less than {human(self.o.stall_bytes)} received in "
-                                                    f"{self.o.stall_timeout:.0f}s; cutting the connection")
+                                                    f"{self.o.stall_timeout:.0f}s from {plan.endpoint}; cutting the "
+                                                    "connection")
                 if self.deadline and now > self.deadline:
                     raise PullError(Reason.DEADLINE, f"the pull ran past its {self.o.deadline:.0f}s deadline")
         finally:
             if child.is_alive():
                 child.kill()
             child.join(10)
-        if outcome[0] == "ok":
+        if message[0] == "ok":
             progress.sample(time.monotonic())
             self.emit(progress.line(time.monotonic()))
-            return outcome[1]
-        _, reason, message, retry_after = outcome
-        raise PullError(Reason(reason), message, retry_after)
+            return
+        _, reason, message_text, retry_after = message
+        raise PullError(Reason(reason), message_text, retry_after)
 
     def with_retries(self, what: str, step):
-        for attempt in range(self.o.retries + 1):
+        """Retries with backoff and jitter; once an endpoint has failed its retries with a connection failure, a
+        5xx, a 429 or a stall, moves on to the next endpoint (never on 401/403/404: a repository of that name
+        elsewhere is another repository)."""
+        attempt = 0
+        while True:
             try:
                 return step()
             except Exception as error:
                 failure = classify(error, what)
-                if not failure.retryable or attempt == self.o.retries or failure.reason is Reason.DEADLINE:
+                if not failure.retryable or failure.reason in (Reason.DEADLINE, Reason.COMMIT_MISMATCH):
+                    raise failure from None
+                if attempt >= self.o.retries:
+                    if failure.reason in FALLBACK and self.endpoint_index + 1 < len(self.o.hubs):
+                        self.endpoint_index += 1
+                        self.emit({"event": "fallback", "from": self.o.hubs[self.endpoint_index - 1],
+                                   "to": self.hub, "reason": failure.reason.value, "message": failure.message})
+                        attempt = 0
+                        continue
                     raise failure from None
                 wait = min(60.0, self.o.retry_wait * 2 ** attempt) * random.uniform(0.5, 1.5)
                 if failure.retry_after is not None:
@@ -232,12 +292,16 @@ class Puller:
                 if self.deadline and time.monotonic() + wait > self.deadline:
                     raise PullError(Reason.DEADLINE, f"{failure.message}; no time left before the deadline "
                                                      "to retry") from None
-                self.emit({"event": "retry", "attempt": attempt + 1, "of": self.o.retries, "reason":
-                           failure.reason.value, "message": failure.message, "wait_seconds": round(wait, 1)})
+                attempt += 1
+                self.emit({"event": "retry", "attempt": attempt, "of": self.o.retries, "reason":
+                           failure.reason.value, "message": failure.message, "wait_seconds": round(wait, 1),
+                           "endpoint": self.hub})
                 time.sleep(wait)
-        raise AssertionError("unreachable")
 
     # -- the cache ------------------------------------------------------------------------------------------------
+    def partial(self, commit: str, f: Expected) -> Path:
+        return transfer.blob_paths(self.o.cache_dir, self.o.repo_id, transfer.blob_name(f, self.o.repo_id, commit))[1]
+
     def present(self, commit: str, f: Expected) -> bool:
         snapshot = cache_layout.snapshot_dir(self.o.cache_dir, self.o.repo_id, commit)
         path = snapshot / f.path
@@ -270,21 +334,29 @@ class Puller:
 
     def result(self, commit: str, record: dict, downloaded: int, cached: bool) -> dict:
         checks: dict[str, int] = {}
+        served_by: dict[str, int] = {}
         for meta in record["files"].values():
             checks[meta["check"]] = checks.get(meta["check"], 0) + 1
+            endpoint = meta.get("endpoint") or record.get("endpoint")
+            if isinstance(endpoint, str):
+                served_by[endpoint] = served_by.get(endpoint, 0) + 1
         return {"event": "complete", "repo": self.o.repo_id, "revision": self.o.revision, "commit": commit,
                 "files": len(record["files"]), "bytes": record["bytes"], "downloaded_bytes": downloaded,
-                "cached": cached, "checks": checks, "seconds": round(time.monotonic() - self.started, 2)}
+                "cached": cached, "checks": checks, "endpoints": served_by,
+                "file_endpoints": {path: meta.get("endpoint") for path, meta in record["files"].items()},
+                "seconds": round(time.monotonic() - self.started, 2)}
 
 
 class Progress:
-    """Bytes on disk for the plan's files: finished snapshot files plus huggingface_hub's `*.incomplete` blobs."""
+    """Bytes on disk for the plan's files: finished snapshot files plus their partial files (whoever writes them:
+    this attempt, a racing pull holding the blob's lock). Partials of other blobs do not count."""
 
-    def __init__(self, cache_dir: Path, plan: worker.Plan, stall_bytes: int):
-        self.snapshot = cache_layout.snapshot_dir(cache_dir, plan.repo_id, plan.commit)
-        self.blobs = cache_layout.repo_folder(cache_dir, plan.repo_id) / "blobs"
-        self.plan = plan
-        self.total = sum(f.size or 0 for f in plan.files)
+    def __init__(self, cache_dir: Path, repo_id: str, commit: str, files: list[Expected], stall_bytes: int):
+        self.snapshot = cache_layout.snapshot_dir(cache_dir, repo_id, commit)
+        self.repo_id, self.commit = repo_id, commit
+        self.files = [(f, transfer.blob_paths(cache_dir, repo_id, transfer.blob_name(f, repo_id, commit))[1])
+                      for f in files]
+        self.total = sum(f.size or 0 for f in files)
         self.bytes = self.measure()
         self.mark = self.bytes
         self.last_advance = self.last_emit = self.rate_time = time.monotonic()
@@ -294,15 +366,11 @@ class Progress:
 
     def measure(self) -> int:
         done = 0
-        for f in self.plan.files:
+        for f, partial in self.files:
             try:
                 done += (self.snapshot / f.path).stat().st_size
             except OSError:
-                pass
-        try:
-            done += sum(p.stat().st_size for p in self.blobs.glob("*.incomplete"))
-        except OSError:
-            pass
+                done += transfer.partial_bytes(partial, f.size)
         return min(done, self.total)
 
     def sample(self, now: float) -> None:
@@ -322,7 +390,7 @@ class Progress:
         self.last_emit = now
         remaining = self.total - self.bytes
         eta = round(remaining / self.rate) if self.rate > 0 else None
-        return {"event": "progress", "repo": self.plan.repo_id, "commit": self.plan.commit, "bytes": self.bytes,
+        return {"event": "progress", "repo": self.repo_id, "commit": self.commit, "bytes": self.bytes,
                 "total": self.total, "rate": round(self.rate), "eta_seconds": eta if remaining else 0,
                 "text": f"{human(self.bytes)}/{human(self.total)} at {human(self.rate)}/s"
                         + (f", eta {eta}s" if eta is not None and remaining else "")}
@@ -347,8 +415,12 @@ def emit_json(secret: str | None, termination_log: Path | None) -> Emit:
         line = redact(json.dumps(event, sort_keys=True), secret)
         print(line, flush=True)
         if termination_log is not None and event["event"] in ("complete", "failed"):
+            if len(line) > TERMINATION_LIMIT:     # Kubernetes keeps 4 KiB: drop the per-file detail, stay JSON
+                short = {k: v for k, v in event.items() if k != "file_endpoints"}
+                short["message"] = str(short.get("message", ""))[:1000] if "message" in short else None
+                line = redact(json.dumps({k: v for k, v in short.items() if v is not None}, sort_keys=True), secret)
             try:
-                termination_log.write_text(line[:4000])
+                termination_log.write_text(line[:TERMINATION_LIMIT])
             except OSError:
                 pass
 
