@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # A real single-node Kubernetes 1.20 on this machine, without Docker: etcd, kube-apiserver (RBAC on),
 # kube-controller-manager, kube-scheduler, containerd + runc + CNI bridge, kubelet, kube-proxy, and a hostPath
-# provisioner for PVCs. The recipe and its pitfalls: shared/notes/local-cluster.md.
+# storage driver (provisioner + resizer) behind two StorageClasses. The recipe and its pitfalls:
+# shared/notes/local-cluster.md.
 #
-#   hack/cluster.sh start              start (or reuse) the cluster; prints the kubeconfig path
+#   hack/cluster.sh start              start (or reuse) the cluster; prints the kubeconfig path. On a running
+#                                      cluster it only (re)applies the StorageClasses and restarts the storage
+#                                      driver if its script or settings changed: the control plane stays up
 #   hack/cluster.sh stop               stop every component and the pods' containers
 #   hack/cluster.sh status             exit 0 when the API answers and the node is Ready
 #   hack/cluster.sh load-image IMAGE   copy a podman image into containerd's k8s.io namespace
@@ -32,7 +35,7 @@ API_SERVICE_IP=10.0.0.1
 API_PORT=6443
 ETCD_PORT=2379
 PAUSE_IMAGE=localhost/pause:3.4.1
-STORAGE_CLASS=local-hostpath
+PROVISIONER=modeldeploy.io/local-hostpath   # one driver, both classes (as one CSI driver serves many classes)
 VOLUMES=$STATE/volumes
 HACK=$(cd "$(dirname "$0")" && pwd)
 
@@ -56,7 +59,8 @@ launch() {
   local name=$1; shift
   if alive "$name"; then return 0; fi
   log "starting $name"
-  setsid nohup "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  # 9>&-: the start lock (cmd_start) must not be inherited by what outlives this script.
+  setsid nohup "$@" >>"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$PIDS/$name.pid"
 }
 
@@ -236,20 +240,54 @@ node_ready() {
   [ "$(kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
 
+# The StorageClasses users meet on managed clusters, both served by hack/hostpath-provisioner.sh:
+# - local-hostpath (default, Immediate): a claim binds as soon as it is created, on the one node.
+# - local-wffc (WaitForFirstConsumer, as on GKE/EKS/AKS, kind and k3s): the PV controller leaves a claim Pending
+#   until the scheduler places a pod using it and annotates volume.kubernetes.io/selected-node; then it hands the
+#   claim to the provisioner, which makes a PV with nodeAffinity to that node.
+# Both allow expansion; the driver grows the PV, then the claim's status. kube-controller-manager's expand controller
+# stays on: for a hostPath PV it finds no in-tree expander and leaves the claim to an external resizer (an
+# ExternalExpanding event), which is what the driver is.
 start_provisioner() {
   mkdir -p "$VOLUMES"
   kc apply -f - >/dev/null <<EOF
 apiVersion: storage.k8s.io/v1
 kind: StorageClass
 metadata:
-  name: $STORAGE_CLASS
+  name: local-hostpath
   annotations: {storageclass.kubernetes.io/is-default-class: "true"}
-provisioner: modeldeploy.io/local-hostpath
+provisioner: $PROVISIONER
 reclaimPolicy: Delete
 volumeBindingMode: Immediate
+allowVolumeExpansion: true
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: local-wffc
+provisioner: $PROVISIONER
+reclaimPolicy: Delete
+volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
 EOF
-  launch provisioner env KUBECONFIG="$KUBECONFIG_FILE" STORAGE_CLASS="$STORAGE_CLASS" VOLUMES="$VOLUMES" \
-    NODE_NAME="$NODE_NAME" bash "$HACK/hostpath-provisioner.sh"
+  local settings sum
+  settings=(KUBECONFIG="$KUBECONFIG_FILE" PROVISIONER="$PROVISIONER" VOLUMES="$VOLUMES" NODE_NAME="$NODE_NAME")
+  sum=$( { printf '%s\n' "${settings[@]}"; cat "$HACK/hostpath-provisioner.sh"; } | sha256sum | cut -d' ' -f1)
+  if alive provisioner && [ "$(cat "$PIDS/provisioner.sum" 2>/dev/null)" != "$sum" ]; then
+    log "restarting provisioner (its script or settings changed)"
+    stop_component provisioner
+  fi
+  launch provisioner env "${settings[@]}" bash "$HACK/hostpath-provisioner.sh"
+  echo "$sum" >"$PIDS/provisioner.sum"
+}
+
+stop_component() {   # the component's whole process group (launch made it a session leader), within 20 s
+  local pid deadline=$((SECONDS + 20))
+  pid=$(cat "$PIDS/$1.pid")
+  kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+  kill -9 -- "-$pid" 2>/dev/null || true
+  rm -f "$PIDS/$1.pid"
 }
 
 cluster_ok() {
@@ -263,8 +301,12 @@ cluster_ok() {
 cmd_start() {
   require_binaries
   mkdir -p "$LOGS" "$PIDS"
+  # Test sessions of several people may start at once: one start at a time, so one driver runs.
+  exec 9>"$STATE/start.lock"
+  flock 9
   if cluster_ok; then
     log "already running"
+    start_provisioner
     echo "$KUBECONFIG_FILE"
     return 0
   fi
