@@ -13,76 +13,16 @@ import json
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from modeldeploy import cache_layout
-from tests.helpers import ServeProcess
-from tests.hubserver import HubServer, Repo
-from tests.models import MINILM, TINY_CLASSIFIER, TINY_GENERATOR, build_classifier, build_generator, minilm_dir, pull_into
+from tests.models import MINILM, TINY_CLASSIFIER, TINY_GENERATOR
+from tests.serve_fixtures import cache, embedder, generator, get, metric, post, serve  # noqa: F401 (fixtures)
 
 TEXTS = ["A man is eating food.", "A man is riding a white horse on an enclosed ground.",
          "The new movie is awesome", "Two men pushed carts through the woods.", "ok"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> dict:
-    """One cache holding MiniLM and the tiny models, pulled from a local hub; repo id -> commit."""
-    models = tmp_path_factory.mktemp("models")
-    hub = HubServer()
-    hub.add_repo(Repo.from_folder(MINILM, minilm_dir()))
-    hub.add_repo(Repo.from_folder(TINY_CLASSIFIER, build_classifier(models / "classifier")))
-    hub.add_repo(Repo.from_folder(TINY_GENERATOR, build_generator(models / "generator")))
-    hub.start()
-    directory = tmp_path_factory.mktemp("cache")
-    try:
-        commits = {repo: pull_into(directory, hub.url, repo)["commit"] for repo in hub.repos}
-    finally:
-        hub.stop()
-    return {"dir": directory, **commits}
-
-
-def serve(cache: dict, repo: str, task: str, *extra: str) -> ServeProcess:
-    return ServeProcess("--model", repo, "--revision", cache[repo], "--cache-dir", str(cache["dir"]), "--task", task,
-                        *extra)
-
-
-@pytest.fixture(scope="module")
-def embedder(cache):
-    server = serve(cache, MINILM, "feature-extraction", "--max-batch-size", "32").wait_ready()
-    yield server
-    server.stop()
-
-
-def post(url: str, body, raw: bool = False) -> tuple[int, dict]:
-    data = body if raw else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def metric(server: ServeProcess, name: str, **labels) -> float:
-    _, text = get(f"{server.url}/metrics")
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def test_embeddings_match_sentence_transformers_through_the_openai_client(embedder, cache):
@@ -123,7 +63,7 @@ def test_kserve_v2_protocol(embedder):
     ("/v1/embeddings", {"input": ""}, 400, "is empty"),
     ("/v1/embeddings", {"input": "word " * 400}, 400, "at most 256"),
     ("/v1/embeddings", {"input": 42}, 400, "string or a list of strings"),
-    ("/v1/embeddings", {"input": [1, 2, 3]}, 400, "string or a list of strings"),
+    ("/v1/embeddings", {"input": [1, 2, 3]}, 400, "input[0]: Input should be a valid string"),
     ("/v1/embeddings", {"input": {"a": 1}}, 400, "string or a list of strings"),
     ("/v1/embeddings", {"model": "gpt-4", "input": "x"}, 404, "does not exist"),
     ("/v1/embeddings", [1, 2], 400, "JSON object"),
@@ -222,13 +162,6 @@ def test_text_classification(cache):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def generator(cache):
-    server = serve(cache, TINY_GENERATOR, "text-generation").wait_ready()
-    yield server
-    server.stop()
-
-
 def test_completions_chat_and_streaming_through_the_openai_client(generator):
     import openai
 
@@ -287,11 +220,11 @@ def test_concurrent_generations_are_batched(generator):
 
 
 @pytest.mark.parametrize("body,fragment", [
-    ({"prompt": "x", "n": 2}, "n=1"),
-    ({"prompt": "x", "temperature": 5}, "between 0"),
-    ({"prompt": "x", "max_tokens": 100000}, "context"),
-    ({"prompt": ["a", "b"]}, "one prompt"),
-    ({"prompt": "x", "stream": "yes"}, "true or false"),
+    ({"prompt": "x", "n": 2}, "n: Input should be 1"),
+    ({"prompt": "x", "temperature": 5}, "temperature: Input should be less than or equal to 2"),
+    ({"prompt": "x", "max_tokens": 200}, "128-token context"),
+    ({"prompt": ["a", "b"]}, "prompt: Value should have at most 1 item"),
+    ({"prompt": "x", "stream": "yes"}, "stream: Input should be a valid boolean"),
 ])
 def test_bad_generation_requests(generator, body, fragment):
     code, answer = post(f"{generator.url}/v1/completions", body)
@@ -326,7 +259,9 @@ def test_bad_start_ups_fail_with_a_clear_message(cache, tmp_path):
     weights = snapshot / "model.safetensors"
     weights.unlink()
     (snapshot / "pytorch_model.bin").write_bytes(b"not loaded")
-    cache_layout.write_marker(cache_layout.marker_path(partial, MINILM, cache[MINILM], ["x"]), {"files": {}})
+    cache_layout.write_marker(cache_layout.marker_path(partial, MINILM, cache[MINILM], ["x"]),
+                              {"repo": MINILM, "commit": cache[MINILM], "bytes": 10,
+                               "files": {"pytorch_model.bin": {"size": 10, "check": "sha256"}}})
     code, err = start_failure("--model", MINILM, "--revision", cache[MINILM], "--cache-dir", str(partial),
                               "--task", "feature-extraction")
     assert code == 1 and "no safetensors weights" in err

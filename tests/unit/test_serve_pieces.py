@@ -1,17 +1,21 @@
-"""The runtime's pure pieces: device/precision choices, CPU limits from cgroups, padding-aware grouping, and the
-batcher's queue bound and grouping."""
+"""The runtime's pure pieces: device/precision choices, CPU limits from cgroups, padding-aware grouping, the
+batcher's queue bound, grouping and cancellation, and the validated request layer."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from types import SimpleNamespace
 
 import pytest
 
 from modeldeploy.serve import device
-from modeldeploy.serve.batching import DynamicBatcher, QueueFull
+from modeldeploy.serve import requests
+from modeldeploy.serve.batching import DynamicBatcher
 from modeldeploy.serve.engine import Engine
+from modeldeploy.serve.errors import BadInput, QueueFull, TooLarge
 
 
 def test_quantization_choices_and_refusals():
@@ -69,21 +73,82 @@ def test_batcher_bounds_its_queue_and_batches_by_group():
     async def scenario():
         batcher = DynamicBatcher(run_batch, max_batch_size=4, max_delay=0.05, max_queue=6)
         batcher.start()
+        with pytest.raises(TooLarge, match="more than the queue holds"):
+            await batcher.submit(list(range(7)))          # bigger than the queue: refused even when it is empty
         first = asyncio.ensure_future(batcher.submit([1, 2], group="a"))
         second = asyncio.ensure_future(batcher.submit([3], group="b"))
         third = asyncio.ensure_future(batcher.submit([4, 5], group="a"))
         await asyncio.sleep(0)
         with pytest.raises(QueueFull):
             await batcher.submit([6, 7], group="a")     # 5 queued + 2 > 6
+        with pytest.raises(TooLarge):
+            await batcher.submit(list(range(7)))          # and the same answer when it is busy
         results = await asyncio.gather(first, second, third)
-        big = await batcher.submit(list(range(9)))       # bigger than the queue, but the queue is empty
         await batcher.stop()
-        return results, big
+        return results
 
-    results, big = asyncio.run(scenario())
+    results = asyncio.run(scenario())
     assert results == [[10, 20], [30], [40, 50]]
     assert [1, 2, 4, 5] in seen and [3] in seen          # same group together, the other group apart
-    assert big == [i * 10 for i in range(9)]
+
+
+def test_a_cancelled_request_leaves_the_queue_and_its_room_is_free_again():
+    seen = []
+
+    async def scenario():
+        batcher = DynamicBatcher(lambda items: seen.append(list(items)) or items, max_batch_size=4, max_delay=0.5,
+                                 max_queue=4)
+        batcher.start()
+        waiting = asyncio.ensure_future(batcher.submit([1, 2, 3]))
+        await asyncio.sleep(0)
+        assert batcher.queued_items == 3
+        waiting.cancel()                                  # the client went away while it waited for company
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert batcher.queued_items == 0 and not batcher.pending
+        result = await batcher.submit([4, 5, 6, 7])       # fits only because the room came back
+        await batcher.stop()
+        return result
+
+    assert asyncio.run(scenario()) == [4, 5, 6, 7]
+    assert seen == [[4, 5, 6, 7]]                          # the cancelled items never reached the model
+
+
+CONTEXT = requests.Context(requests.Limits(max_inputs=3, max_new_tokens=50), dimensions=8)
+
+
+@pytest.mark.parametrize("model,body,error,param,fragment", [
+    (requests.EmbeddingsRequest, {"input": ["a"] * 4}, TooLarge, "input", "at most 3"),
+    (requests.EmbeddingsRequest, {"input": [" "]}, BadInput, "input", "input[0]: is empty"),
+    (requests.EmbeddingsRequest, {"input": "a", "dimensions": 9}, BadInput, "dimensions", "at most 8"),
+    (requests.CompletionRequest, {"prompt": "a", "max_tokens": 51}, BadInput, "max_tokens", "at most 50"),
+    (requests.CompletionRequest, {"prompt": "a", "max_tokens": float("inf")}, BadInput, "max_tokens", "integer"),
+    (requests.CompletionRequest, {"prompt": "a", "top_p": float("nan")}, BadInput, "top_p", "finite"),
+    (requests.CompletionRequest, {"prompt": "a", "temperature": True}, BadInput, "temperature", "number"),
+    (requests.ChatRequest, {"messages": [{"role": "user", "content": 1}]}, BadInput, "messages",
+     "messages[0].content: must be a string"),
+    (requests.InferenceRequest, {"inputs": [{"name": "t", "datatype": "BYTES", "data": ["a"]}],
+                                 "parameters": {"top_p": 0}}, BadInput, "parameters", "parameters.top_p"),
+])
+def test_requests_are_refused_naming_the_field(model, body, error, param, fragment):
+
+    with pytest.raises(error, match=re.escape(fragment)) as raised:
+        requests.parse(model, json.dumps(body).encode(), CONTEXT)
+    assert raised.value.param == param
+
+
+def test_sampling_means_the_same_in_both_protocols():
+    def parse(model, body: str):
+        return requests.parse(model, body.encode(), CONTEXT)
+
+    completion = parse(requests.CompletionRequest, '{"prompt": "x", "stop": "abc", "max_tokens": 7}')
+    v2 = parse(requests.InferenceRequest, '{"inputs": [{"name": "t", "datatype": "BYTES", "data": ["x"]}], '
+                                          '"parameters": {"stop": "abc", "max_tokens": 7}}')
+    assert completion.options(16)["stop"] == v2.parameters.options(16)["stop"] == ["abc"]   # one stop string
+    assert completion.options(16)["max_new_tokens"] == v2.parameters.options(16)["max_new_tokens"] == 7
+    chat = parse(requests.ChatRequest, '{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],'
+                                       ' "max_completion_tokens": 5, "stop": null}')
+    assert chat.options(256) == {"max_new_tokens": 5, "temperature": 1.0, "top_p": 1.0, "stop": []}
+    assert chat.messages[0].text() == {"role": "user", "content": "hi"}
 
 
 def _outliers(tokens: bool, channels: bool):

@@ -4,8 +4,9 @@ A request carries one or more items (texts). The collector takes queued requests
 holds `max_batch_size` items; when the model is idle it waits at most `max_delay` for company, and while a forward
 pass runs, new requests simply queue up for the next one. Forward passes run one at a time on a dedicated thread
 (torch already uses every core it is given), so the event loop keeps answering. The queue is bounded: a request
-that does not fit is refused at once (the API answers 503 with Retry-After) instead of growing latency without
-limit."""
+that does not fit the free room now is refused at once (503 with Retry-After) instead of growing latency without
+limit, and one bigger than the whole queue always (413), however busy the server is. A request whose caller goes
+away while it waits leaves the queue."""
 
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
-
-class QueueFull(Exception):
-    pass
+from modeldeploy.serve.errors import QueueFull, TooLarge
 
 
 def new_model_thread() -> ThreadPoolExecutor:
@@ -28,7 +27,7 @@ def new_model_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     items: list[Any]
     group: Hashable
@@ -75,14 +74,29 @@ class DynamicBatcher:
 
     async def submit(self, items: list[Any], group: Hashable = None) -> list[Any]:
         """Results for `items`, computed in batches with other requests of the same `group`."""
-        # An empty queue takes any request, so a request bigger than the limit is not refused forever.
-        if self.queued_items and self.queued_items + len(items) > self.max_queue:
+        return await self.wait(self.enqueue(items, group))
+
+    def enqueue(self, items: list[Any], group: Hashable = None) -> _Request:
+        """Queues `items` now, or refuses them now (TooLarge, QueueFull): `submit` in two steps, for a caller that
+        must know before it answers (a stream, whose status goes out with its first byte)."""
+        if len(items) > self.max_queue:
+            raise TooLarge(f"{len(items)} items are more than the queue holds ({self.max_queue}, --max-queue)")
+        if self.queued_items + len(items) > self.max_queue:
             raise QueueFull(f"{self.queued_items} items are queued (limit {self.max_queue})")
         request = _Request(items, group, asyncio.get_running_loop().create_future())
         self.pending.append(request)
         self.queued_items += len(items)
         self._arrived.set()
-        return await request.future
+        return request
+
+    async def wait(self, request: _Request) -> list[Any]:
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            if request in self.pending:     # not taken yet: its room goes back to the queue
+                self.pending.remove(request)
+                self.queued_items -= len(request.items)
+            raise
 
     async def run_alone(self, function: Callable[[], Any]) -> Any:
         """Runs something on the model thread between batches (e.g. a warm-up pass)."""
@@ -102,6 +116,8 @@ class DynamicBatcher:
                     await asyncio.wait_for(self._arrived.wait(), wait)
                 except asyncio.TimeoutError:
                     break
+            if not self.pending:    # its callers went away while it waited for company
+                continue
             batch = self._take()
             items = [item for request in batch for item in request.items]
             now = time.monotonic()

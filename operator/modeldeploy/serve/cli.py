@@ -30,6 +30,14 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch-size", type=positive(int), default=32)
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="how long an idle model waits to fill a batch")
     p.add_argument("--max-queue", type=positive(int), default=1024, help="queued items before answering 503")
+    p.add_argument("--max-inputs", type=positive(int), default=1024,
+                   help="texts per request; more answer 413 (default: %(default)s)")
+    p.add_argument("--max-new-tokens-limit", type=positive(int), default=4096,
+                   help="the largest max_tokens a request may ask for (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=positive(float), default=4.0,
+                   help="request body size in MiB; larger answer 413 (default: %(default)s)")
+    p.add_argument("--request-timeout", type=positive(float), default=120.0,
+                   help="seconds a request may take, queue included; later answer 504 (default: %(default)s)")
     p.add_argument("--threads", type=positive(int), help="torch threads (default: the container's CPU limit)")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off)")
     p.add_argument("--allow-pickle", action="store_true", help="load pickle weights when there are no safetensors")
@@ -58,15 +66,19 @@ async def serve(args: argparse.Namespace) -> int:
     from modeldeploy.serve.engine import ENGINES, BatchingOptions
     from modeldeploy.serve.loading import LoadOptions, load
     from modeldeploy.serve.metrics import RuntimeMetrics
+    from modeldeploy.serve.requests import Limits
 
     device = devices.choose_device(args.device)
     quantization = devices.resolve_quantization(args.quantization, device)
     threads = devices.cpu_threads(args.threads)
     torch.set_num_threads(threads)
     name = args.served_model_name or args.model
-    state = ServerState(name=name, metrics=RuntimeMetrics(name, quantization))
+    limits = Limits(max_inputs=args.max_inputs, max_new_tokens=args.max_new_tokens_limit,
+                    max_body_bytes=int(args.max_body_mb * 2**20), request_timeout=args.request_timeout)
+    state = ServerState(name=name, metrics=RuntimeMetrics(name, quantization), limits=limits)
 
-    runner = web.AppRunner(build_app(state), access_log=None)
+    # handler_cancellation: a request whose client went away is cancelled (its generation stops), not finished.
+    runner = web.AppRunner(build_app(state), access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     log.info("listening on %s:%d (%s on %s, %s, %d threads); loading %s@%s", args.host, args.port, args.task,
@@ -90,7 +102,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("ready: %s@%s", args.model, loaded.commit)
         await stop.wait()
         log.info("shutting down")
-        await engine.batcher.stop()
+        await engine.stop()
     finally:
         await runner.cleanup()
     return 0

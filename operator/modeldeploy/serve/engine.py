@@ -1,29 +1,31 @@
 """The shared core under every protocol: one loaded model, its batcher, and the task's computation. Protocol
-modules (openai_api, kserve_api) translate requests into calls on an engine and never touch torch."""
+modules (openai_api, kserve_api) turn validated requests (requests.py) into calls on an engine and never touch
+torch or the tokenizer.
+
+Three threads share the work: the event loop (HTTP, validation), one tokenizer thread (tokenization and chat
+templates: fast tokenizers release the GIL, so a big request does not stall liveness or metrics) and the model
+thread (forward passes). Tokenization does not run on the model thread, where it would wait behind forward passes
+and the next batch would wait for it."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Coroutine
 
 from modeldeploy.serve.batching import BatchStats, DynamicBatcher
+from modeldeploy.serve.errors import BadInput
 from modeldeploy.serve.loading import LoadedModel
 from modeldeploy.serve.metrics import RuntimeMetrics
+
+log = logging.getLogger(__name__)
 
 
 # The fixed cost of one forward pass, in padded-token equivalents (measured for all-MiniLM-L6-v2 on CPU: about
 # 3 ms per pass against 0.2 ms per token).
 PASS_COST_TOKENS = 16
-
-
-class BadInput(ValueError):
-    """The request is wrong (the client's fault): answered with a 4xx in the protocol's error format."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclasses.dataclass
@@ -44,10 +46,23 @@ class Engine:
         self.batcher = DynamicBatcher(self.run_batch, batching.max_batch_size, batching.max_delay_ms / 1000,
                                       batching.max_queue, on_batch=self._observe_batch,
                                       gather_factor=self.gather_factor, model_thread=model_thread)
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
+
+    @property
+    def task(self) -> str:
+        return self.loaded.task
+
+    @property
+    def version(self) -> str:
+        return self.loaded.commit
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     def _observe_batch(self, stats: BatchStats) -> None:
         self.metrics.batch_size.labels(self.name).observe(stats.batch_items)
@@ -55,15 +70,9 @@ class Engine:
             self.metrics.queue_time.labels(self.name).observe(seconds)
         self.metrics.queue_size.labels(self.name).set(self.batcher.queued_items)
 
-    def tokenize(self, texts: list[str], limit: int | None = None) -> list[list[int]]:
-        if not texts:
-            raise BadInput("input must not be empty", "input")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise BadInput(f"input[{i}] must be a string, not {type(text).__name__}", "input")
-            if not text.strip():
-                raise BadInput(f"input[{i}] is empty", "input")
-        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    async def tokenize(self, texts: list[str], limit: int | None = None) -> list[list[int]]:
+        """Token ids of validated texts, each checked against the model's length, on the tokenizer thread."""
+        ids = await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, self._tokenize, texts)
         limit = limit or self.loaded.max_length
         for i, row in enumerate(ids):
             if len(row) > limit:
@@ -71,9 +80,29 @@ class Engine:
         self.metrics.prompt_tokens.labels(self.name).inc(sum(len(r) for r in ids))
         return ids
 
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+
     async def submit(self, items: list[Any], group=None) -> list[Any]:
+        return await self.enqueue(items, group)
+
+    def enqueue(self, items: list[Any], group=None) -> Coroutine[Any, Any, list[Any]]:
+        """Queues `items` at once (or raises TooLarge, QueueFull at once); the coroutine waits for the results."""
         self.metrics.queue_size.labels(self.name).set(self.batcher.queued_items + len(items))
-        return await self.batcher.submit(items, group)
+        return self._results(self.batcher.enqueue(items, group), items)
+
+    async def _results(self, queued, items: list[Any]) -> list[Any]:
+        try:
+            return await self.batcher.wait(queued)
+        except asyncio.CancelledError:
+            self.cancel(items)
+            self.metrics.cancelled.labels(self.name).inc()
+            log.info("%s: a request of %d items was cancelled (client gone or past --request-timeout)",
+                     self.name, len(items))
+            raise
+
+    def cancel(self, items: list[Any]) -> None:
+        """Items whose request was given up (an encoder pass, once started, is short enough to finish)."""
 
     def run_batch(self, items: list[Any]) -> list[Any]:
         raise NotImplementedError
@@ -114,9 +143,10 @@ class EmbeddingEngine(Engine):
     """Sentence embeddings with the model's own pooling and normalisation (as sentence-transformers computes them)."""
 
     gather_factor = 4
+    dimensions: int | None = None     # known after the warm-up pass
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        ids = self.tokenize(texts)
+        ids = await self.tokenize(texts)
         vectors = await self.submit(ids)
         return vectors, sum(len(r) for r in ids)
 
@@ -145,14 +175,14 @@ class EmbeddingEngine(Engine):
         return pooled.cpu().tolist()
 
     def warm_up(self) -> None:
-        self.run_batch(self.tokenizer(["warm up"] * 2)["input_ids"])
+        self.dimensions = len(self.run_batch(self.tokenizer(["warm up"] * 2)["input_ids"])[0])
 
 
 class ClassificationEngine(Engine):
     gather_factor = 4
 
     async def classify(self, texts: list[str]) -> tuple[list[dict], int]:
-        ids = self.tokenize(texts)
+        ids = await self.tokenize(texts)
         probabilities = await self.submit(ids)
         labels = self.loaded.labels
         results = [{"label": labels[max(range(len(p)), key=p.__getitem__)], "probs": p,
@@ -186,6 +216,7 @@ class Generation:
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
+    cancelled: bool = False     # set by the event loop when the caller is gone; the row stops at its next token
 
     @property
     def sampling(self) -> tuple:
@@ -200,20 +231,40 @@ class GenerationEngine(Engine):
     """Batched generation: concurrent requests with the same sampling settings share one `generate` call; each row
     stops on its own (its max_new_tokens, a stop string or EOS) while the others go on."""
 
-    def prepare(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
-                stream: bool) -> Generation:
+    async def prepare(self, prompt: str | list[dict], max_new_tokens: int, temperature: float, top_p: float,
+                      stop: list[str], stream: bool) -> Generation:
+        """`prompt`: a text, or chat messages (role, content) for the model's chat template."""
+        if not isinstance(prompt, str):
+            prompt = await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, self._chat, prompt)
         limit = getattr(self.loaded.model.config, "max_position_embeddings", None) or self.loaded.max_length
-        ids = self.tokenize([prompt], limit=limit)[0]
+        ids = (await self.tokenize([prompt], limit=limit))[0]
         if len(ids) + max_new_tokens > limit:
             raise BadInput(f"the prompt has {len(ids)} tokens and max_tokens is {max_new_tokens}: more than the "
                            f"model's {limit}-token context", "max_tokens")
         loop = asyncio.get_running_loop()
         return Generation(ids, max_new_tokens, temperature, top_p, stop, asyncio.Queue() if stream else None, loop)
 
+    def _chat(self, messages: list[dict]) -> str:
+        from jinja2 import TemplateError
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadInput(f"{self.name} has no chat template; use /v1/completions", "messages")
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as error:     # templates refuse what they cannot render (say, roles out of turn)
+            raise BadInput(f"messages: the model's chat template refused them: {error}", "messages") from None
+
+    def start(self, request: Generation) -> Coroutine[Any, Any, list[Generation]]:
+        """Queues the generation now (or refuses it now); the coroutine waits for it, `[request]` when done."""
+        return self.enqueue([request], group=request.sampling)
+
     async def generate(self, request: Generation) -> Generation:
-        (done,) = await self.submit([request], group=request.sampling)
-        self.metrics.generated_tokens.labels(self.name).inc(done.tokens)
+        (done,) = await self.start(request)
         return done
+
+    def cancel(self, items: list[Generation]) -> None:
+        for g in items:
+            g.cancelled = True
 
     def run_batch(self, items: list[Generation]) -> list[Generation]:
         import torch
@@ -228,6 +279,8 @@ class GenerationEngine(Engine):
             def __call__(self, input_ids, scores, **kwargs):
                 finished = []
                 for row, g in enumerate(items):
+                    if g.cancelled and g.finish_reason is None:
+                        g.finish_reason = "cancelled"
                     if g.finish_reason is None:
                         new = input_ids[row, prompt_length:].tolist()
                         if eos is not None and new and new[-1] == eos:
@@ -255,6 +308,10 @@ class GenerationEngine(Engine):
             for g in items:
                 g.finish_reason = g.finish_reason or "length"
                 g.push(None)
+                self.metrics.generated_tokens.labels(self.name).inc(g.tokens)
+                if g.cancelled:
+                    log.info("%s: generation stopped after %d of %d tokens: its request was cancelled", self.name,
+                             g.tokens, g.max_new_tokens)
         return items
 
     def warm_up(self) -> None:

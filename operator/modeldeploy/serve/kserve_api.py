@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from modeldeploy.serve.engine import BadInput, ClassificationEngine, EmbeddingEngine, Engine, GenerationEngine
-from modeldeploy.serve.openai_api import ModelNotFound
+from modeldeploy.serve.engine import ClassificationEngine, EmbeddingEngine, Engine, GenerationEngine
+from modeldeploy.serve.errors import BadInput, ModelNotFound
+from modeldeploy.serve.requests import InferenceRequest, V2Parameters, parse
+
+DEFAULT_MAX_TOKENS = 16
 
 
 class KServeRoutes:
@@ -51,38 +54,21 @@ class KServeRoutes:
 
     async def metadata(self, request: web.Request) -> web.Response:
         self.check_name(request)
-        return web.json_response({"name": self.engine.name, "versions": [self.engine.loaded.commit],
+        return web.json_response({"name": self.engine.name, "versions": [self.engine.version],
                                   "platform": "pytorch-transformers",
                                   "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
                                   "outputs": self.outputs()})
 
     async def infer(self, request: web.Request) -> web.Response:
         self.check_name(request)
-        try:
-            body = await request.json()
-        except ValueError as error:
-            raise BadInput(f"the request body is not valid JSON: {error}") from None
-        inputs = body.get("inputs") if isinstance(body, dict) else None
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise BadInput("'inputs' must hold exactly one tensor: the texts (BYTES)")
-        tensor = inputs[0]
-        if tensor.get("datatype") != "BYTES":
-            raise BadInput(f"input {tensor.get('name')!r} must have datatype BYTES, not {tensor.get('datatype')!r}")
-        texts = tensor.get("data")
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise BadInput("input data must be a list of strings")
-        shape = tensor.get("shape")
-        if shape is not None and shape != [len(texts)]:
-            raise BadInput(f"input shape {shape} does not match its {len(texts)} elements")
-
+        body = parse(InferenceRequest, await request.read(), self.state.context())
+        texts = body.inputs[0].data
         output = self.outputs()[0]
         if isinstance(self.engine, GenerationEngine):
             if len(texts) != 1:
-                raise BadInput("send one prompt per request")
-            params = body.get("parameters") or {}
-            generation = self.engine.prepare(texts[0], int(params.get("max_tokens", 16)),
-                                             float(params.get("temperature", 0.0)), float(params.get("top_p", 1.0)),
-                                             list(params.get("stop", [])), stream=False)
+                raise BadInput("inputs[0].data: send one prompt per request", "inputs")
+            options = (body.parameters or V2Parameters()).options(DEFAULT_MAX_TOKENS)
+            generation = await self.engine.prepare(texts[0], stream=False, **options)
             done = await self.engine.generate(generation)
             data, out_shape = [done.text], [1]
         else:
@@ -93,5 +79,5 @@ class KServeRoutes:
                 rows = [r["probs"] for r in results]
             data = [x for row in rows for x in row]
             out_shape = [len(rows), len(rows[0])]
-        return web.json_response({"model_name": self.engine.name, "model_version": self.engine.loaded.commit,
-                                  "id": body.get("id"), "outputs": [{**output, "shape": out_shape, "data": data}]})
+        return web.json_response({"model_name": self.engine.name, "model_version": self.engine.version,
+                                  "id": body.id, "outputs": [{**output, "shape": out_shape, "data": data}]})

@@ -31,6 +31,10 @@ class RuntimeMetrics:
                                      registry=r)
         self.generated_tokens = Counter("model_generated_tokens_total", "Tokens generated", ["model_name"],
                                         registry=r)
+        self.cancelled = Counter("model_cancelled_requests_total",
+                                 "Requests given up before their result: the client went away or the request ran "
+                                 "past its time limit (a generation stops at its next token)", ["model_name"],
+                                 registry=r)
         self.load_seconds = Gauge("model_load_seconds", "Time to load and warm up the model", ["model_name"],
                                   registry=r)
         self.ready = Gauge("model_ready", "1 once the model is loaded and warmed up", ["model_name"], registry=r)
