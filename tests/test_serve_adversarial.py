@@ -126,8 +126,8 @@ def test_bad_requests_to_an_embedder(embedder, path, body, status, field, fragme
 
 
 def test_a_wrong_method_is_answered_in_the_protocols_shape(embedder):
-    code, answer, _ = call(f"{embedder.url}/v1/embeddings", method="GET")
-    assert code == 405
+    code, answer, headers = call(f"{embedder.url}/v1/embeddings", method="GET")
+    assert code == 405 and headers["Allow"] == "POST"
     assert_error(embedder.url, "/v1/embeddings", answer, 405, None, "Method Not Allowed")
 
 

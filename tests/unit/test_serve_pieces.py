@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from modeldeploy.serve import device
-from modeldeploy.serve import requests
+from modeldeploy.serve import device, requests
 from modeldeploy.serve.batching import DynamicBatcher
 from modeldeploy.serve.engine import Engine
 from modeldeploy.serve.errors import BadInput, QueueFull, TooLarge
@@ -149,6 +148,9 @@ def test_sampling_means_the_same_in_both_protocols():
                                        ' "max_completion_tokens": 5, "stop": null}')
     assert chat.options(256) == {"max_new_tokens": 5, "temperature": 1.0, "top_p": 1.0, "stop": []}
     assert chat.messages[0].text() == {"role": "user", "content": "hi"}
+    both = parse(requests.ChatRequest, '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9, '
+                                       '"max_completion_tokens": 5}')
+    assert both.options(256)["max_new_tokens"] == 5                  # the newer name wins, as in OpenAI
 
 
 def _outliers(tokens: bool, channels: bool):

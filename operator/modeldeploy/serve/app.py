@@ -51,7 +51,8 @@ def error_response(request: web.Request, error: ServeError) -> web.Response:
 def from_aiohttp(request: web.Request, error: web.HTTPException, limits: Limits) -> ServeError:
     if isinstance(error, web.HTTPRequestEntityTooLarge):
         return TooLarge(f"the request body is larger than this server takes ({limits.max_body_bytes / 2**20:g} MiB)")
-    return Refused(f"{error.reason}: {request.method} {request.path}", error.status)
+    allow = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else {}      # a 405 names the methods
+    return Refused(f"{error.reason}: {request.method} {request.path}", error.status, allow)
 
 
 def build_app(state: ServerState) -> web.Application:

@@ -49,9 +49,9 @@ class Refused(ServeError):
     """aiohttp's own refusals (no such route, method not allowed)."""
     kind, metric = "invalid_request_error", "bad_request"
 
-    def __init__(self, message: str, status: int):
+    def __init__(self, message: str, status: int, headers: dict[str, str]):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 class TimedOut(ServeError):

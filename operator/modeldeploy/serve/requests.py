@@ -156,7 +156,9 @@ class ChatRequest(Generating):
     max_completion_tokens: MaxTokens = None
 
     def options(self, default_max_tokens: int) -> dict:
-        return super().options(self.max_completion_tokens or default_max_tokens)
+        # OpenAI's newer name wins over max_tokens when both are sent.
+        return super().options(default_max_tokens) | (
+            {"max_new_tokens": self.max_completion_tokens} if self.max_completion_tokens else {})
 
 
 # -- KServe Open Inference Protocol v2 (the shape of KServe's v2_datamodels) -----------------------------------------
