@@ -104,7 +104,7 @@ def operator_process(kubeconfig: str, namespace: str | list[str], workdir: Path,
         finally:
             process.terminate()
             process.wait(30)
-    print(log_path.read_text()[-6000:])
+            print(log_path.read_text()[-6000:])
 
 
 def helm_binary() -> str:

@@ -59,6 +59,7 @@ class CacheDefaults(Settings):
 
     storage_class_name: str | None = None
     size: str = "50Gi"
+    prune: bool = True      # weights no ModelDeployment uses any more leave the cache (false: they stay)
 
 
 class PullDefaults(Settings):

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from modeldeploy.api import ModelDeploymentSpec
-from modeldeploy.build.common import MANAGED_BY
+from modeldeploy.build.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_CACHE, MANAGED_BY, dns_name,
+                                      restricted_container_security, restricted_pod_security)
 from modeldeploy.config import OperatorConfig
 
 
@@ -19,3 +20,38 @@ def build_cache_pvc(spec: ModelDeploymentSpec, config: OperatorConfig, size: str
     if storage_class:
         pvc["spec"]["storageClassName"] = storage_class
     return pvc
+
+
+def build_prune_job(claim: str, model: str, commit: str, keep: list[str], config: OperatorConfig) -> dict:
+    """The Job that takes one model's snapshot out of a cache once no ModelDeployment uses it: `modeldeploy prune`,
+    with the cache mounted read-write, keeping every snapshot in `keep` (ORG/NAME@COMMIT) and every blob another
+    snapshot still links. It reports through its termination message, like the pull."""
+    labels = {**MANAGED_BY, "app.kubernetes.io/component": "prune", LABEL_CACHE: claim}
+    args = ["prune", "--cache-dir", CACHE_MOUNT, "--model", model, "--commit", commit]
+    for snapshot in sorted(keep):
+        args += ["--keep", snapshot]
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": dns_name("prune", model.split("/")[-1], commit[:12]), "labels": labels,
+                     "annotations": {ANNOTATION_MODEL: f"{model}@{commit}"}},
+        "spec": {
+            "backoffLimit": 2,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": restricted_pod_security(),
+                    "containers": [{
+                        "name": "prune", "image": config.operator_image, "imagePullPolicy": config.image_pull_policy,
+                        "command": ["modeldeploy"], "args": args,
+                        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+                        "securityContext": restricted_container_security(),
+                        "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT}],
+                    }],
+                    "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": claim}}],
+                },
+            },
+        },
+    }

@@ -12,6 +12,7 @@ from modeldeploy.config import OperatorConfig
 
 LABEL_MDEP = "modeldeploy.io/model-deployment"
 LABEL_WEIGHTS = "modeldeploy.io/weights"
+LABEL_CACHE = "modeldeploy.io/cache"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "modeldeploy", "app.kubernetes.io/part-of": "modeldeploy"}
 ANNOTATION_MODEL = "modeldeploy.io/model"

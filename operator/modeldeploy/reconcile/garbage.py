@@ -9,13 +9,26 @@ import logging
 
 from kubernetes.client.rest import ApiException
 
-from modeldeploy.api import GROUP, PLURAL, VERSION
-from modeldeploy.build.common import LABEL_WEIGHTS
+from modeldeploy.api import GROUP, PLURAL, VERSION, SpecError, name_problems, parse_spec
+from modeldeploy.build.cache import build_prune_job
+from modeldeploy.build.common import LABEL_CACHE, LABEL_WEIGHTS, weights_key
 from modeldeploy.config import OperatorConfig
-from modeldeploy.reconcile.children import Apis
-from modeldeploy.reconcile.reconciler import key_or_none
+from modeldeploy.reconcile import events
+from modeldeploy.reconcile.children import Apis, create_if_absent, pods_of
+from modeldeploy.reconcile.pull_state import completed_result, final_line, terminated, true_conditions
 
 log = logging.getLogger("modeldeploy.operator")
+
+
+def key_or_none(body, config: OperatorConfig) -> str | None:
+    """The weights key of a resource that may pull (None for one the operator refuses)."""
+    try:
+        spec = parse_spec(dict(body))
+    except SpecError:
+        return None
+    if spec.problems(config) or name_problems(body["metadata"]["name"]):
+        return None
+    return weights_key(spec, config)
 
 
 def unused_jobs(jobs: list[dict], mdeps: list[dict], config: OperatorConfig) -> list[dict]:
@@ -48,4 +61,72 @@ def collect(apis: Apis, config: OperatorConfig, namespace: str | None) -> list[s
         log.info("pull job %s/%s deleted: no ModelDeployment pulls its weights any more", meta["namespace"],
                  meta["name"])
         deleted.append(meta["name"])
+        if config.cache.prune:
+            prune_if_unused(apis, config, job, [m for m in mdeps if m["metadata"]["namespace"] == meta["namespace"]])
     return deleted
+
+
+def claim_of(job: dict) -> str | None:
+    volumes = job["spec"]["template"]["spec"].get("volumes") or []
+    return next((v["persistentVolumeClaim"]["claimName"] for v in volumes if v.get("persistentVolumeClaim")), None)
+
+
+def snapshots_in_use(mdeps: list[dict], claim: str) -> tuple[set[str], set[str]]:
+    """(ORG/NAME@COMMIT of every live resource on this cache, models some live resource has not resolved yet)."""
+    used, unresolved = set(), set()
+    for body in mdeps:
+        if body["metadata"].get("deletionTimestamp"):
+            continue
+        try:
+            spec = parse_spec(body)
+        except SpecError:
+            continue
+        if spec.cache.claim_name != claim:
+            continue
+        commit = (body.get("status") or {}).get("resolvedRevision")
+        if commit:
+            used.add(f"{spec.model.id}@{commit}")
+        else:
+            unresolved.add(spec.model.id)
+    return used, unresolved
+
+
+def prune_if_unused(apis: Apis, config: OperatorConfig, job: dict, mdeps: list[dict]) -> None:
+    """After a finished pull's Job goes: a Job that takes its snapshot out of the cache, unless a live resource
+    uses it, or might (one of the same model that has not resolved its commit yet)."""
+    result, claim = completed_result(job, []), claim_of(job)
+    if not result or not claim or not result.get("repo") or not result.get("commit"):
+        return
+    model, commit = result["repo"], result["commit"]
+    used, unresolved = snapshots_in_use(mdeps, claim)
+    if f"{model}@{commit}" in used or model in unresolved:
+        return
+    namespace = job["metadata"]["namespace"]
+    if create_if_absent(apis.batch.create_namespaced_job, namespace,
+                        build_prune_job(claim, model, commit, sorted(used), config)):
+        log.info("cache %s/%s: pruning %s@%s (no ModelDeployment uses it)", namespace, claim, model, commit)
+
+
+def report_prune(apis: Apis, job: dict) -> bool:
+    """A finished prune Job: what it freed becomes an Event on the cache PVC, and the Job goes. True when done."""
+    conditions, meta = true_conditions(job), job["metadata"]
+    if meta.get("deletionTimestamp") or not ({"Complete", "Failed"} & set(conditions)):
+        return False
+    namespace, claim = meta["namespace"], (meta.get("labels") or {}).get(LABEL_CACHE)
+    lines = [final_line(terminated(p)) for p in pods_of(apis, namespace, f"job-name={meta['name']}")]
+    line = next((x for x in lines if x and x.get("event") == "pruned"), None) or next((x for x in lines if x), None)
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": namespace}}
+    model = (meta.get("annotations") or {}).get("modeldeploy.io/model", "")
+    if line and line.get("event") == "pruned":
+        events.info(apis.core, pvc, "WeightsPruned",
+                    f"{model}: freed {line.get('freed_bytes', 0) / 2**20:.1f} MiB ({line.get('removed_blobs')} files; "
+                    f"{line.get('kept_blobs')} kept, shared with other snapshots)")
+    else:
+        events.warn(apis.core, pvc, "PruneFailed", f"{model}: " + ((line or {}).get("message") or
+                                                                   f"the prune Job failed ({conditions})"))
+    try:
+        apis.batch.delete_namespaced_job(meta["name"], namespace, propagation_policy="Background")
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    return True

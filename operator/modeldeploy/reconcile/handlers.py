@@ -12,11 +12,12 @@ import logging
 import kopf
 
 from modeldeploy.api import GROUP, PLURAL, VERSION, SpecError, parse_spec
-from modeldeploy.build.common import LABEL_MDEP, LABEL_WEIGHTS
+from modeldeploy.build.common import LABEL_CACHE, LABEL_MDEP, LABEL_WEIGHTS
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile import garbage, metrics
 from modeldeploy.reconcile.children import Apis
-from modeldeploy.reconcile.reconciler import key_or_none, reconcile, reconcile_by_name, record
+from modeldeploy.reconcile.garbage import key_or_none
+from modeldeploy.reconcile.reconciler import reconcile, reconcile_by_name, record
 
 log = logging.getLogger("modeldeploy.operator")
 MDEP = (GROUP, VERSION, PLURAL)
@@ -61,19 +62,28 @@ def by_claim(namespace, name, body, **_):
 def remember(memo, by_claim: kopf.Index) -> None:
     """kopf hands indexes to handlers only; the reconcile (also run by the refresher) reads this live view."""
     if getattr(memo, "cache_users", None) is None:
-        memo.cache_users = lambda namespace, claim: [spec for _, spec in by_claim.get((namespace, claim), [])]
+        memo.cache_users = lambda namespace, claim: [spec for _, spec in entries(by_claim, (namespace, claim))]
+
+
+def entries(index: kopf.Index, key) -> list:
+    """A copy of an index entry. kopf updates indexes on its event loop while sync handlers and the refresher read
+    them from threads: a copy that met a concurrent change is taken again."""
+    for _ in range(10):
+        try:
+            return list(index.get(key, []))
+        except RuntimeError:        # changed size during iteration
+            continue
+    return []
 
 
 # -- the resource's own handlers --------------------------------------------------------------------------------------
 @kopf.on.resume(*MDEP)
 @kopf.on.create(*MDEP)
 @kopf.on.update(*MDEP, field="spec")
-def on_change(body, old, memo, by_claim: kopf.Index, reason, **_):
+def on_change(body, memo, by_claim: kopf.Index, **_):
     """Retries (kopf's backoff) while something outside the spec may still change; stops on a bad spec."""
     remember(memo, by_claim)
-    observation = reconcile(body, memo)
-    if reason == "update" and (old or {}).get("spec", {}).get("model") != body["spec"].get("model"):
-        garbage.collect(memo.apis, memo.config, body["metadata"]["namespace"])   # the old weights' Job goes
+    observation = reconcile(body, memo)     # a write that moves the weights key also collects the old Job
     if observation.stalled and observation.stalled[0] == "InvalidSpec":
         raise kopf.PermanentError(observation.stalled[1])
     if observation.retry:
@@ -101,8 +111,14 @@ def collect_garbage_at_start(memo: kopf.Memo, **_) -> None:
 @kopf.on.event("", "v1", "pods", labels={LABEL_WEIGHTS: kopf.PRESENT})
 def on_pull(namespace, labels, memo, by_weights: kopf.Index, by_claim: kopf.Index, **_):
     remember(memo, by_claim)
-    for name in by_weights.get((namespace, labels[LABEL_WEIGHTS]), []):
+    for name in entries(by_weights, (namespace, labels[LABEL_WEIGHTS])):
         reconcile_by_name(memo, namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/component": "prune", LABEL_CACHE: kopf.PRESENT})
+def on_prune(type, body, memo, **_):
+    if type != "DELETED":
+        garbage.report_prune(memo.apis, dict(body))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_MDEP: kopf.PRESENT})
@@ -115,7 +131,7 @@ def on_serving(namespace, labels, memo, by_claim: kopf.Index, **_):
 @kopf.on.event("", "v1", "persistentvolumeclaims")
 def on_claim(namespace, name, memo, by_claim: kopf.Index, **_):
     remember(memo, by_claim)
-    for mdep, _ in by_claim.get((namespace, name), []):
+    for mdep, _ in entries(by_claim, (namespace, name)):
         reconcile_by_name(memo, namespace, mdep)
 
 

@@ -9,10 +9,8 @@ import contextlib
 import logging
 import time
 
-from modeldeploy.api import GROUP, PLURAL, VERSION, SpecError, name_problems, parse_spec
-from modeldeploy.build.common import weights_key
-from modeldeploy.config import OperatorConfig
-from modeldeploy.reconcile import metrics
+from modeldeploy.api import GROUP, PLURAL, VERSION
+from modeldeploy.reconcile import garbage, metrics
 from modeldeploy.reconcile.children import Apis, read_or_none
 from modeldeploy.reconcile.status import Observation, StaleRead, write_status
 from modeldeploy.reconcile.steps import observe
@@ -47,6 +45,9 @@ def reconcile_as_read(body, memo) -> Observation:
             raise
         if status is not None:
             record(memo, meta["namespace"], meta["name"], status)
+            before = (body.get("status") or {}).get("weightsKey")
+            if before and before != status.get("weightsKey"):     # this write moved it: the old Job may go
+                garbage.collect(memo.apis, memo.config, meta["namespace"])
         result = "ok"
     finally:
         if result == "error":   # what was observed before the failure still reaches the status
@@ -85,14 +86,3 @@ def read_live(apis: Apis, namespace: str, name: str) -> dict | None:
     """The resource as the API server has it now; None once it is gone or being deleted."""
     body = read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
     return body if body is not None and not body["metadata"].get("deletionTimestamp") else None
-
-
-def key_or_none(body, config: OperatorConfig) -> str | None:
-    """The weights key of a resource that may pull (None for one the operator refuses)."""
-    try:
-        spec = parse_spec(dict(body))
-    except SpecError:
-        return None
-    if spec.problems(config) or name_problems(body["metadata"]["name"]):
-        return None
-    return weights_key(spec, config)

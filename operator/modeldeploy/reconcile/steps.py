@@ -89,7 +89,11 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
         return True     # the pull Job may start: it is the first consumer the claim waits for
     requested = claim["spec"]["resources"]["requests"]["storage"]
     if parse_quantity(capacity or "0") < parse_quantity(requested):
-        o.cache = (False, "Expanding", f"PVC {claim_name} is being expanded from {capacity} to {requested}")
+        message = f"PVC {claim_name} is being expanded from {capacity} to {requested}"
+        if pulled_already(body, spec, config):    # serving goes on while the cache grows for another model
+            o.cache = (True, "Bound", f"{message}; this model's weights are in")
+            return True
+        o.cache = (False, "Expanding", message)
         o.retry, o.retry_delay = o.cache[2], 5
         return False
     needed = cache_needs(users, config, apis)
@@ -98,12 +102,18 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
         o.retry, o.retry_delay = o.cache[2], 2
         return False
     if needed and needed > parse_quantity(capacity):
-        return expand(body, spec, apis, o, claim, capacity, needed)
+        return expand(body, spec, apis, config, o, claim, capacity, needed)
     o.cache = (True, "Bound", f"PVC {claim_name} is bound ({capacity})")
     return True
 
 
-def expand(body, spec, apis: Apis, o: Observation, claim: dict, capacity: str, needed: int) -> bool:
+def pulled_already(body, spec: ModelDeploymentSpec, config: OperatorConfig) -> bool:
+    status = body.get("status") or {}
+    return bool(status.get("resolvedRevision")) and status.get("weightsKey") == weights_key(spec, config)
+
+
+def expand(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, o: Observation, claim: dict,
+           capacity: str, needed: int) -> bool:
     """More weights than room: ask for a larger claim. The API server refuses where the StorageClass does not allow
     expansion; then the resource stops with the numbers."""
     size = claim_size(needed)
@@ -117,13 +127,20 @@ def expand(body, spec, apis: Apis, o: Observation, claim: dict, capacity: str, n
         message = (f"the cache PVC {claim['metadata']['name']} holds {capacity} but its models need "
                    f"{needed / 2**30:.2f} GiB and it cannot be expanded ({error.reason}): use a larger or another "
                    f"cache (spec.cache) or fewer files (spec.model.files)")
+        if pulled_already(body, spec, config):    # this model's weights are in: it keeps serving
+            o.cache = (True, "Bound", f"PVC {claim['metadata']['name']} is bound ({capacity}); {message}")
+            return True
         o.cache = (False, "NoSpace", message)
         o.stalled = ("NoSpace", message)
         return False
     events.info(apis.core, body, "CacheExpanding",
                 f"PVC {claim['metadata']['name']}: {capacity} -> {size} for {needed / 2**30:.2f} GiB of weights")
-    o.cache = (False, "Expanding", f"PVC {claim['metadata']['name']} is being expanded from {capacity} to {size}")
-    o.retry, o.retry_delay = o.cache[2], 5
+    message = f"PVC {claim['metadata']['name']} is being expanded from {capacity} to {size}"
+    o.retry, o.retry_delay = message, 5
+    if pulled_already(body, spec, config):
+        o.cache = (True, "Bound", f"{message}; this model's weights are in")
+        return True
+    o.cache = (False, "Expanding", message)
     return False
 
 
