@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modeldeploy.api import parse_spec  # noqa: E402
-from modeldeploy.build.cache import build_cache_pvc  # noqa: E402
-from modeldeploy.build.common import weights_key  # noqa: E402
-from modeldeploy.build.pull_job import build_pull_job  # noqa: E402
+from modeldeploy.manifests.cache import build_cache_pvc  # noqa: E402
+from modeldeploy.manifests.common import weights_key  # noqa: E402
+from modeldeploy.manifests.pull_job import build_pull_job  # noqa: E402
 from modeldeploy.config import OperatorConfig  # noqa: E402
 from tests.hubserver import HubServer, Repo, RepoFile  # noqa: E402
 

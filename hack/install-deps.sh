@@ -4,7 +4,8 @@
 set -euo pipefail
 
 packages=(etcd-server golang-go rsync jq containerd runc containernetworking-plugins podman iptables openssl gcc
-          golang-github-modern-go-reflect2-dev conntrack iproute2 unzip busybox-static)
+          golang-github-modern-go-reflect2-dev conntrack iproute2 unzip busybox-static
+          tinyproxy)   # tinyproxy: the real forward proxy the puller tests go through
 
 missing=()
 for p in "${packages[@]}"; do

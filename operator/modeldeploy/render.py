@@ -11,11 +11,11 @@ import yaml
 from pydantic import ValidationError
 
 from modeldeploy.api import KIND, SpecError, name_problems, parse_spec
-from modeldeploy.build.cache import build_cache_pvc
-from modeldeploy.build.common import weights_key
-from modeldeploy.build.monitoring import build_pod_monitor
-from modeldeploy.build.pull_job import build_pull_job
-from modeldeploy.build.serving import build_deployment, build_service
+from modeldeploy.manifests.cache import build_cache_pvc
+from modeldeploy.manifests.common import weights_key
+from modeldeploy.manifests.monitoring import build_pod_monitor
+from modeldeploy.manifests.pull_job import build_pull_job
+from modeldeploy.manifests.serving import build_deployment, build_service
 from modeldeploy.config import OperatorConfig, load_config
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from modeldeploy.api import ModelDeploymentSpec
-from modeldeploy.build.common import pull_job_name, weights_key
+from modeldeploy.manifests.common import pull_job_name, weights_key
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile.events import build_event
 from modeldeploy.render import RenderError, render

@@ -118,7 +118,7 @@ def mdep(name: str, model: str, namespace: str = "ml", deleting: bool = False) -
 
 
 def test_pull_jobs_no_live_resource_needs_are_garbage():
-    from modeldeploy.build.common import weights_key
+    from modeldeploy.manifests.common import weights_key
     from modeldeploy.api import parse_spec
 
     config = OperatorConfig()

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from modeldeploy import api, endpoints
 from modeldeploy.api import ModelDeploymentSpec, name_problems
-from modeldeploy.build.pull_job import build_pull_job
+from modeldeploy.manifests.pull_job import build_pull_job
 from modeldeploy.config import OperatorConfig
 from tests.cluster.test_tenant_safety import NAME_REFUSALS, SCHEMA_REFUSALS
 from tests.unit.test_builders import CRD

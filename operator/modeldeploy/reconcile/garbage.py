@@ -10,8 +10,8 @@ import logging
 from kubernetes.client.rest import ApiException
 
 from modeldeploy.api import GROUP, PLURAL, VERSION, SpecError, name_problems, parse_spec
-from modeldeploy.build.cache import build_prune_job
-from modeldeploy.build.common import LABEL_CACHE, LABEL_WEIGHTS, weights_key
+from modeldeploy.manifests.cache import build_prune_job
+from modeldeploy.manifests.common import LABEL_CACHE, LABEL_WEIGHTS, weights_key
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile import events
 from modeldeploy.reconcile.children import Apis, create_if_absent, pods_of

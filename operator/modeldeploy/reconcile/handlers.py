@@ -12,7 +12,7 @@ import logging
 import kopf
 
 from modeldeploy.api import GROUP, PLURAL, VERSION, SpecError, parse_spec
-from modeldeploy.build.common import LABEL_CACHE, LABEL_MDEP, LABEL_WEIGHTS
+from modeldeploy.manifests.common import LABEL_CACHE, LABEL_MDEP, LABEL_WEIGHTS
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile import garbage, metrics
 from modeldeploy.reconcile.children import Apis

@@ -16,11 +16,11 @@ from kubernetes.utils import parse_quantity
 
 from modeldeploy import endpoints
 from modeldeploy.api import ModelDeploymentSpec, SpecError, name_problems, parse_spec
-from modeldeploy.build.cache import build_cache_pvc
-from modeldeploy.build.common import pull_job_name, weights_key
-from modeldeploy.build.monitoring import POD_MONITOR_API, build_pod_monitor
-from modeldeploy.build.pull_job import build_pull_job
-from modeldeploy.build.serving import build_deployment, build_service, server_selector
+from modeldeploy.manifests.cache import build_cache_pvc
+from modeldeploy.manifests.common import pull_job_name, weights_key
+from modeldeploy.manifests.monitoring import POD_MONITOR_API, build_pod_monitor
+from modeldeploy.manifests.pull_job import build_pull_job
+from modeldeploy.manifests.serving import build_deployment, build_service, server_selector
 from modeldeploy.config import OperatorConfig
 from modeldeploy.pull.sizing import claim_size
 from modeldeploy.reconcile import events

@@ -3,8 +3,8 @@ pod's monitoring sidecar, the one endpoint that carries the server's metrics too
 
 from __future__ import annotations
 
-from modeldeploy.build.common import mdep_labels
-from modeldeploy.build.serving import server_selector
+from modeldeploy.manifests.common import mdep_labels
+from modeldeploy.manifests.serving import server_selector
 
 POD_MONITOR_API = ("monitoring.coreos.com", "v1", "podmonitors")
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from modeldeploy.api import ModelDeploymentSpec
-from modeldeploy.build.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_CACHE, MANAGED_BY, dns_name,
+from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_CACHE, MANAGED_BY, dns_name,
                                       restricted_container_security, restricted_pod_security)
 from modeldeploy.config import OperatorConfig
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from modeldeploy import endpoints
 from modeldeploy.api import ModelDeploymentSpec
-from modeldeploy.build.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_WEIGHTS, MANAGED_BY, proxy_secret,
+from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_WEIGHTS, MANAGED_BY, proxy_secret,
                                       pull_job_name, restricted_container_security, restricted_pod_security)
 from modeldeploy.config import OperatorConfig
 from modeldeploy.pull.sources import SOURCES
