@@ -152,8 +152,9 @@ def through_operator(api: client.ApiClient, counting: CountingApi, kubeconfig: s
         operator_requests = apiserver_requests(kubeconfig) - server_before - (counting.requests - own_before) - 1
         values = scrape(metrics_url)
         reconciles = sum(v for k, v in values.items() if k.startswith("modeldeploy_operator_reconciles_total"))
+        own = sum(v for k, v in values.items() if k.startswith("modeldeploy_operator_api_requests_total"))
         rss = values.get("process_resident_memory_bytes", 0)
-        return {"seconds": elapsed, "create_seconds": created, "requests": operator_requests,
+        return {"seconds": elapsed, "create_seconds": created, "requests": operator_requests, "own": own,
                 "reconciles": reconciles, "rss": rss, "namespace": namespace}
     finally:
         operator.terminate()
@@ -200,6 +201,8 @@ def main() -> None:
     print(f"operator API requests: {result['requests']:.0f} in all; {result['requests'] / n:.1f} per ModelDeployment; "
           f"{result['requests'] / max(result['reconciles'], 1):.1f} per reconcile ({result['reconciles']:.0f} "
           f"reconciles)")
+    print(f"of which the reconciler's own (kopf's watches and bookkeeping aside): {result['own'] / n:.1f} per "
+          "ModelDeployment")
     print(f"operator RSS: {result['rss'] / 2**20:.0f} MiB")
 
 

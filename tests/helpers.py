@@ -85,7 +85,8 @@ class ServeProcess:
 
 
 @contextlib.contextmanager
-def operator_process(kubeconfig: str, namespace: str | list[str], workdir: Path, config_yaml: str):
+def operator_process(kubeconfig: str, namespace: str | list[str], workdir: Path, config_yaml: str,
+                     metrics_port: int = 0):
     """`modeldeploy operator` watching one namespace (or several), as a process; prints its log tail afterwards."""
     import sys
 
@@ -96,7 +97,7 @@ def operator_process(kubeconfig: str, namespace: str | list[str], workdir: Path,
     log_path = workdir / "operator.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", *watched,
-                                    "--config", str(config), "--health-port", "0", "--metrics-port", "0"],
+                                    "--config", str(config), "--health-port", "0", "--metrics-port", str(metrics_port)],
                                    stdout=log, stderr=subprocess.STDOUT,
                                    env={"KUBECONFIG": kubeconfig, "PATH": "/usr/bin:/bin"})
         try:

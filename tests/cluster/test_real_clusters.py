@@ -9,15 +9,19 @@ the operator is stopped."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, mdep  # noqa: F401 (crd: fixture)
 from tests.cluster.test_operator_pull import NODE_ADDRESS, kubectl
-from tests.helpers import REPO, operator_process, wait_for
+from tests.helpers import REPO, free_port, operator_process, wait_for
 from tests.hubserver import HubServer, Repo
 from tests.models import minilm_dir
 
@@ -56,6 +60,15 @@ def wait_ready(custom, namespace: str, name: str, timeout: float = 300, generati
         return ok.get("status") == "True" and (generation is None or ok.get("observedGeneration") == generation) \
             and status
     return wait_for(ready, timeout, f"{name} Ready", detail=lambda: status_of(custom, namespace, name))
+
+
+IDLE_SECONDS = 30
+
+
+def api_requests(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "modeldeploy_operator_api_requests_total")
 
 
 def cache_folder(core, namespace: str, claim: str) -> Path:
@@ -104,9 +117,17 @@ def test_state_outlives_pods_updates_converge_and_the_scheduler_is_heard(api_cli
                                                                          hub, tmp_path):
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
     apps = client.AppsV1Api(api_client)
-    with operator_process(kubeconfig, namespace, tmp_path, config_for(images, hub)):
+    port = free_port()
+    with operator_process(kubeconfig, namespace, tmp_path, config_for(images, hub), metrics_port=port):
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, served("m", "org/minilm-c", hub))
         commit = wait_ready(custom, namespace, "m")["resolvedRevision"]
+
+        # Ready and left alone, it costs the API server nothing beyond kopf's watches.
+        wait_for(lambda: apps.read_namespaced_deployment("m", namespace).status.ready_replicas == 1, 30, "settled")
+        before = api_requests(port)
+        time.sleep(IDLE_SECONDS)    # a quiet period is what is measured here, not a condition to wait for
+        print(f"idle Ready ModelDeployment: {api_requests(port) - before:.0f} API requests in {IDLE_SECONDS} s")
+        assert api_requests(port) - before == 0
 
         # The finished pull pod goes (garbage collection, a lost node): the resource stays Ready and still follows
         # its spec.
@@ -184,11 +205,12 @@ def kept_job(batch, namespace: str) -> str:
 
 def test_the_kustomize_base_brings_up_a_working_operator(api_client, kubeconfig, namespace, crd, images, tmp_path):  # noqa: F811
     """`kubectl apply -k` as users run it, with an overlay naming this cluster's images, watching one namespace."""
+    shutil.copytree(REPO / "examples" / "kustomize" / "base", tmp_path / "base")   # kustomize takes relative roots
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     repository, tag = images["operator"].rsplit(":", 1)
     (overlay / "kustomization.yaml").write_text(f"""
-resources: [{REPO / 'examples' / 'kustomize' / 'base'}]
+resources: [../base]
 images: [{{name: ghcr.io/modeldeploy/modeldeploy, newName: {repository}, newTag: {tag}}}]
 patches:
 - target: {{kind: Deployment, name: modeldeploy}}

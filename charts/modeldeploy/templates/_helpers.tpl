@@ -42,7 +42,7 @@ app.kubernetes.io/component: operator
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [list, watch, create, patch]
+  verbs: [list, watch, create, patch, update]
 - apiGroups: [""]
   resources: [services]
   verbs: [create, patch]

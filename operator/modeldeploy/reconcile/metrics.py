@@ -16,6 +16,9 @@ PULL_BYTES = Gauge("modeldeploy_pull_bytes", "Bytes a ModelDeployment's pull has
 PULL_TOTAL_BYTES = Gauge("modeldeploy_pull_total_bytes", "Bytes a ModelDeployment's pull fetches in all",
                          ["namespace", "model_deployment"])
 PULL_FAILURES = Counter("modeldeploy_pull_failures_total", "Pulls that ended failed, by reason", ["reason"])
+API_REQUESTS = Counter("modeldeploy_operator_api_requests_total",
+                       "Requests the reconciler made to the Kubernetes API (kopf's watches aside), by method",
+                       ["method"])
 
 
 class PhaseBook:

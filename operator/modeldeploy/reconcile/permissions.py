@@ -13,7 +13,7 @@ RULES: list[tuple[str, str, tuple[str, ...]]] = [
     ("modeldeploy.io", "modeldeployments", ("get", "list", "watch")),
     ("modeldeploy.io", "modeldeployments/status", ("get", "patch")),
     ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),   # patch: the pull's result kept on it
-    ("apps", "deployments", ("list", "watch", "create", "patch")),   # children: server-side apply, no reads
+    ("apps", "deployments", ("list", "watch", "create", "patch", "update")),   # apply; update: see children.apply
     ("", "services", ("create", "patch")),
     ("", "persistentvolumeclaims", ("get", "list", "watch", "create", "patch")),   # patch: expanding the cache
     ("", "pods", ("list", "watch")),         # the pull Job's pods (termination message) and the servers' (why not ready)

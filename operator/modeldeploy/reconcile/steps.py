@@ -288,7 +288,8 @@ def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
     try:
         for child in children:
             kopf.adopt(child, owner=dict(body))
-            applied = apply(writers[child["kind"]], namespace, child)
+            applied = apply(writers[child["kind"]], namespace, child,
+                            apis.apps.replace_namespaced_deployment if child["kind"] == "Deployment" else None)
             if child["kind"] == "Deployment":
                 live = apis.plain(applied)
     except Refused as refused:
