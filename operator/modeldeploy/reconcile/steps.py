@@ -298,8 +298,10 @@ def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         return
     status, wanted = live.get("status") or {}, spec.replicas
     ready = status.get("readyReplicas") or 0
+    # As `kubectl rollout status` judges it: the new template's pods all there and no old pod left, since an old
+    # ready pod beside a new one that cannot start would otherwise count as ready.
     current = (status.get("observedGeneration") or 0) >= live["metadata"]["generation"] and \
-        (status.get("updatedReplicas") or 0) >= wanted
+        (status.get("updatedReplicas") or 0) >= wanted and (status.get("replicas") or 0) <= wanted
     o.fields.update(replicas=status.get("replicas") or 0, readyReplicas=ready, readyText=f"{ready}/{wanted}",
                     selector=",".join(f"{k}={v}" for k, v in server_selector(name).items()),
                     endpoint=f"http://{name}.{namespace}.svc:{spec.service.port}")
