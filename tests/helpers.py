@@ -114,3 +114,28 @@ def helm_binary() -> str:
     if done.returncode != 0:
         pytest.fail(f"installing helm failed:\n{done.stderr}")
     return done.stdout.strip()
+
+
+class BlackHole:
+    """Accepts TCP connections and never answers, nor closes them until stopped: an endpoint that hangs."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        import socket
+        import threading
+
+        self.server = socket.create_server((host, 0))
+        self.url = f"http://{host}:{self.server.getsockname()[1]}"
+        self.held: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.server.accept()[0])
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self.server.close()
+        for connection in self.held:
+            connection.close()

@@ -8,40 +8,15 @@ to another host, a listing larger than the byte cap, a listing that is not JSON.
 
 from __future__ import annotations
 
-import socket
-import threading
 
 from aiohttp import web
 
 from modeldeploy.pull.selection import select
 from modeldeploy.reconcile import hub_sizes
 from modeldeploy.reconcile.hub_sizes import LISTING_SECONDS, PENDING, UNREACHABLE_SECONDS, HubSizes
-from tests.helpers import free_port, wait_for
+from tests.helpers import BlackHole, free_port, wait_for
 from tests.hubserver import HubServer, Repo
 from tests.models import MINILM, minilm_dir
-
-
-class BlackHole:
-    """Accepts TCP connections on 127.0.0.1 and never answers (nor closes them until stopped)."""
-
-    def __init__(self):
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self.held.append(self.server.accept()[0])
-            except OSError:
-                return
-
-    def stop(self) -> None:
-        self.server.close()
-        for connection in self.held:
-            connection.close()
 
 
 def answer(sizes: HubSizes, *query, timeout: float = 30):

@@ -21,7 +21,6 @@ import pytest
 
 from modeldeploy import cache_layout
 from modeldeploy.pull import transfer
-from modeldeploy.pull.integrity import Expected
 from tests.hubserver import Fault, HubServer, Repo, RepoFile
 
 MODEL = "org/big"

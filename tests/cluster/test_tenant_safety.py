@@ -20,8 +20,6 @@ do not delay an unrelated ModelDeployment's Ready."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 import uuid
 
@@ -31,9 +29,9 @@ from kubernetes.client.rest import ApiException
 
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, events_for, mdep  # noqa: F401
 from tests.cluster.test_operator_pull import NODE_ADDRESS
-from tests.helpers import operator_process, wait_for
+from tests.helpers import BlackHole, operator_process, wait_for
 from tests.hubserver import HubServer, Repo
-from tests.models import MINILM, minilm_dir
+from tests.models import minilm_dir
 
 ALLOWED_HTTP = "http://mirror.internal:8080"
 
@@ -159,28 +157,6 @@ def hub(kubeconfig):
     server.start(host=NODE_ADDRESS)
     yield server
     server.stop()
-
-
-class BlackHole:
-    """Accepts TCP connections on the cluster bridge (pods and the host reach it) and never answers."""
-
-    def __init__(self, host: str):
-        self.server = socket.create_server((host, 0))
-        self.url = f"http://{host}:{self.server.getsockname()[1]}"
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self.held.append(self.server.accept()[0])
-            except OSError:
-                return
-
-    def stop(self) -> None:
-        self.server.close()
-        for connection in self.held:
-            connection.close()
 
 
 def operator_config(images: dict, *allowed: str) -> str:

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from modeldeploy.api import ModelDeploymentSpec
-from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_CACHE, MANAGED_BY, dns_name,
-                                      restricted_container_security, restricted_pod_security)
 from modeldeploy.config import OperatorConfig
+from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_CACHE, MANAGED_BY, dns_name,
+                                          operator_job_pod)
 
 
 def build_cache_pvc(spec: ModelDeploymentSpec, config: OperatorConfig, size: str | None = None) -> dict:
@@ -38,20 +38,11 @@ def build_prune_job(claim: str, model: str, commit: str, keep: list[str], config
             "backoffLimit": 2,
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": restricted_pod_security(),
-                    "containers": [{
-                        "name": "prune", "image": config.operator_image, "imagePullPolicy": config.image_pull_policy,
-                        "command": ["modeldeploy"], "args": args,
-                        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-                        "securityContext": restricted_container_security(),
-                        "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT}],
-                    }],
-                    "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": claim}}],
-                },
+                "spec": operator_job_pod(
+                    config, "prune", args,
+                    {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+                    [{"name": "cache", "mountPath": CACHE_MOUNT}],
+                    [{"name": "cache", "persistentVolumeClaim": {"claimName": claim}}]),
             },
         },
     }

@@ -62,3 +62,17 @@ def restricted_pod_security() -> dict:
 
 def proxy_secret(spec: ModelDeploymentSpec, config: OperatorConfig) -> str | None:
     return spec.download.proxy.secret_name if spec.download.proxy else config.pull.proxy_secret
+
+
+def operator_job_pod(config: OperatorConfig, name: str, args: list[str], resources: dict, mounts: list[dict],
+                     volumes: list[dict], env: list[dict] | None = None) -> dict:
+    """The pod of a Job that runs `modeldeploy <args>` in the operator image: no service-account token, restricted,
+    reporting through its log and termination message."""
+    container = {"name": name, "image": config.operator_image, "imagePullPolicy": config.image_pull_policy,
+                 "command": ["modeldeploy"], "args": args, "resources": resources,
+                 "securityContext": restricted_container_security(), "volumeMounts": mounts}
+    if env:
+        container["env"] = env
+    return {"restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
+            "securityContext": restricted_pod_security(), "nodeSelector": {"kubernetes.io/os": "linux"},
+            "containers": [container], "volumes": volumes}

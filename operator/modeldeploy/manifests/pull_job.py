@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from modeldeploy import endpoints
 from modeldeploy.api import ModelDeploymentSpec
-from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_WEIGHTS, MANAGED_BY, proxy_secret,
-                                      pull_job_name, restricted_container_security, restricted_pod_security)
 from modeldeploy.config import OperatorConfig
+from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_WEIGHTS, MANAGED_BY,
+                                          operator_job_pod, proxy_secret, pull_job_name)
 from modeldeploy.pull.sources import SOURCES
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")
@@ -45,23 +45,11 @@ def build_pull_job(spec: ModelDeploymentSpec, config: OperatorConfig, key: str, 
             "activeDeadlineSeconds": spec.download.deadline_seconds,
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": restricted_pod_security(),
-                    "nodeSelector": {"kubernetes.io/os": "linux"},
-                    "containers": [{
-                        "name": "pull", "image": config.operator_image, "imagePullPolicy": config.image_pull_policy,
-                        "command": ["modeldeploy"], "args": args, "env": env,
-                        "resources": config.pull.resources,
-                        "securityContext": restricted_container_security(),
-                        "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT},
-                                         {"name": "tmp", "mountPath": "/tmp"}],
-                    }],
-                    "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": spec.cache.claim_name}},
-                                {"name": "tmp", "emptyDir": {}}],
-                },
+                "spec": operator_job_pod(
+                    config, "pull", args, config.pull.resources,
+                    [{"name": "cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}],
+                    [{"name": "cache", "persistentVolumeClaim": {"claimName": spec.cache.claim_name}},
+                     {"name": "tmp", "emptyDir": {}}], env),
             },
         },
     }

@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 
 from modeldeploy.api import ModelDeploymentSpec, gguf_file
-from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_COMPONENT, LABEL_MDEP, mdep_labels,
-                                      restricted_container_security, restricted_pod_security)
 from modeldeploy.cache_layout import snapshot_dir
+from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_COMPONENT, LABEL_MDEP, mdep_labels,
+                                          restricted_container_security, restricted_pod_security)
 from modeldeploy.config import OperatorConfig, Profile
 
 METRICS_PORT = 9090
