@@ -115,3 +115,29 @@ def test_no_redirect_is_followed_and_a_listing_is_bounded_in_bytes(monkeypatch):
         assert server.url not in sizes.unreachable          # it answered: only those models are unknown
     finally:
         server.stop()
+
+
+def test_a_cache_is_sized_only_from_the_endpoints_the_admin_allows():
+    """Resources on one cache are sized together; one naming an endpoint the admin did not allow (it stalls) is
+    left out, and that endpoint is never asked by the operator."""
+    from modeldeploy.api import ModelDeploymentSpec
+    from modeldeploy.config import OperatorConfig
+    from modeldeploy.reconcile.children import Apis
+    from modeldeploy.reconcile.steps import cache_needs
+
+    allowed, other = HubServer(), HubServer()
+    for hub in (allowed, other):
+        hub.add_repo(Repo.from_folder(MINILM, minilm_dir()))
+        hub.start()
+    try:
+        config = OperatorConfig(pull={"allowedEndpoints": {"huggingface": [allowed.url]}})
+        users = [ModelDeploymentSpec.model_validate({"model": {"id": MINILM, "endpoint": url}})
+                 for url in (allowed.url, other.url)]
+        apis = Apis.create()
+        assert cache_needs(users, config, apis) is PENDING
+        apis.hub_sizes.wait(30)
+        assert cache_needs(users, config, apis) == answer(HubSizes(), allowed.url, MINILM, "main", None, False)
+        assert allowed.requests[("GET", "tree")] == 2 and other.requests[("GET", "tree")] == 0
+    finally:
+        allowed.stop()
+        other.stop()

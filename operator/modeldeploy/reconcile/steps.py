@@ -149,7 +149,8 @@ def cache_needs(users: list[ModelDeploymentSpec], config: OperatorConfig, apis: 
     count 0: their pull checks space itself); PENDING while a hub is being asked."""
     weights, total = set(), 0
     for user in users:
-        if (key := weights_key(user, config)) in weights:
+        # Another tenant's resource on this cache may name an endpoint the admin did not allow: never asked.
+        if user.problems(config) or (key := weights_key(user, config)) in weights:
             continue
         weights.add(key)
         nbytes = hub_listed_bytes(user, config, apis)
