@@ -9,6 +9,7 @@ Prometheus Operator's CRD exists, and not before.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import kopf
 import pytest
@@ -164,6 +165,19 @@ def test_a_model_deployment_from_pull_to_ready_scaled_and_moved_to_a_new_revisio
         custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "minilm")["status"],
         [(p.metadata.name, p.spec.containers[0].args, p.status.container_statuses)
          for p in server_pods(core, namespace, "minilm")]))
+
+    # Rolled out: the previous commit's snapshot leaves the cache (its files, all shared with the new one, stay).
+    pruned = wait_for(lambda: [e for e in core.list_namespaced_event(
+        namespace, field_selector="involvedObject.name=model-cache").items if e.reason == "WeightsPruned"], 120,
+        "the previous commit's snapshot to be pruned")
+    assert first.commit in pruned[0].message
+    volume = core.read_persistent_volume(core.read_namespaced_persistent_volume_claim(
+        "model-cache", namespace).spec.volume_name).spec.host_path.path
+    snapshots = Path(volume) / ("models--" + MINILM.replace("/", "--")) / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == [second.commit]
+    assert (snapshots / second.commit / "model.safetensors").stat().st_size == first.files["model.safetensors"].size
+    assert "previousRevision" not in custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                                         "minilm")["status"]
 
     [pod_monitor] = custom.list_namespaced_custom_object(group, version, namespace, plural)["items"]
     assert pod_monitor["metadata"]["ownerReferences"][0]["name"] == "minilm"

@@ -97,11 +97,20 @@ def prune_if_unused(apis: Apis, config: OperatorConfig, job: dict, mdeps: list[d
     result, claim = completed_result(job, []), claim_of(job)
     if not result or not claim or not result.get("repo") or not result.get("commit"):
         return
-    model, commit = result["repo"], result["commit"]
+    prune_snapshot(apis, config, job["metadata"]["namespace"], claim, result["repo"], result["commit"], mdeps)
+
+
+def prune_commit(apis: Apis, config: OperatorConfig, namespace: str, claim: str, model: str, commit: str) -> None:
+    """A resource rolled off `commit` (its revision moved): that snapshot leaves the cache unless another uses it."""
+    mdeps = apis.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+    prune_snapshot(apis, config, namespace, claim, model, commit, mdeps)
+
+
+def prune_snapshot(apis: Apis, config: OperatorConfig, namespace: str, claim: str, model: str, commit: str,
+                   mdeps: list[dict]) -> None:
     used, unresolved = snapshots_in_use(mdeps, claim)
     if f"{model}@{commit}" in used or model in unresolved:
         return
-    namespace = job["metadata"]["namespace"]
     if create_if_absent(apis.batch.create_namespaced_job, namespace,
                         build_prune_job(claim, model, commit, sorted(used), config)):
         log.info("cache %s/%s: pruning %s@%s (no ModelDeployment uses it)", namespace, claim, model, commit)

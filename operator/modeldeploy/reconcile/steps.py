@@ -23,7 +23,7 @@ from modeldeploy.manifests.pull_job import build_pull_job
 from modeldeploy.manifests.serving import build_deployment, build_service, server_selector
 from modeldeploy.config import OperatorConfig
 from modeldeploy.pull.sizing import claim_size
-from modeldeploy.reconcile import events
+from modeldeploy.reconcile import events, garbage
 from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_absent, last_progress, pods_of,
                                             read_or_none, server_problem)
 from modeldeploy.reconcile.hub_sizes import PENDING
@@ -238,6 +238,9 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         remember_result(apis, namespace, job_name, state.result)
     commit = state.result["commit"]
     o.fields.update(resolvedRevision=commit)
+    prior = (body.get("status") or {}).get("resolvedRevision")
+    if prior and prior != commit:     # its snapshot may leave the cache once no pod serves it (serving_step)
+        o.fields["previousRevision"] = prior
     o.fields["download"].update(bytes=state.result.get("bytes"), totalBytes=state.result.get("bytes"),
                                 files=state.result.get("files"), bytesPerSecond=None, etaSeconds=None)  # None: removed
     o.weights = (True, "Pulled", state.message)
@@ -308,6 +311,11 @@ def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
                     endpoint=f"http://{name}.{namespace}.svc:{spec.service.port}")
     if current and ready >= wanted:
         o.available = (True, "ReplicasReady", f"{ready}/{wanted} replicas ready")
+        previous = o.fields.get("previousRevision") or (body.get("status") or {}).get("previousRevision")
+        if previous and previous != commit:     # rolled out: no pod serves the previous commit any more
+            if config.cache.prune:
+                garbage.prune_commit(apis, config, namespace, spec.cache.claim_name, spec.model.id, previous)
+            o.fields["previousRevision"] = None
         return
     selector = ",".join(f"{k}={v}" for k, v in server_selector(name).items())
     problem = server_problem(pods_of(apis, namespace, selector))
