@@ -9,6 +9,8 @@ to another host, a listing larger than the byte cap, a listing that is not JSON.
 from __future__ import annotations
 
 
+import asyncio
+
 from aiohttp import web
 
 from modeldeploy.pull.selection import select
@@ -44,8 +46,9 @@ def test_sizes_are_asked_once_without_a_token_and_a_refusal_concerns_one_model()
         assert sizes.selected_bytes(hub.url, MINILM, "main", None, False) == expected
         assert answer(sizes, hub.url, MINILM, "main", ["*.json"], False) < expected
         assert hub.requests[("GET", "tree")] == 2
-        now[0] += LISTING_SECONDS + 1                       # a branch can move: asked again after a while
-        assert answer(sizes, hub.url, MINILM, "main", None, False) == expected
+        now[0] += LISTING_SECONDS + 1                       # a branch can move: asked again after a while,
+        assert sizes.selected_bytes(hub.url, MINILM, "main", None, False) == expected   # the old answer meanwhile
+        sizes.wait(30)
         assert hub.requests[("GET", "tree")] == 3
         assert set(hub.auth_seen) == {None}                 # the operator sends no token, ever
 
@@ -95,6 +98,14 @@ def test_no_redirect_is_followed_and_a_listing_is_bounded_in_bytes(monkeypatch):
     async def garbage(request):
         return web.Response(text="<html>a captive portal</html>")
 
+    async def slow(request):     # answers at once, then dribbles: slow, but it answers
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for _ in range(40):
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+        return response
+
     async def elsewhere(request):
         followed.append(request.path)
         return web.json_response([])
@@ -103,13 +114,15 @@ def test_no_redirect_is_followed_and_a_listing_is_bounded_in_bytes(monkeypatch):
     app.router.add_get("/api/models/org/redirect/tree/main", redirect)
     app.router.add_get("/api/models/org/huge/tree/main", huge)
     app.router.add_get("/api/models/org/garbage/tree/main", garbage)
+    app.router.add_get("/api/models/org/slow/tree/main", slow)
     app.router.add_get("/latest/meta-data/", elsewhere)
     server = HubServer()        # only for its thread and loop: serve this app instead of the hub's
     monkeypatch.setattr(server, "app", lambda: app)
+    monkeypatch.setattr(hub_sizes, "BODY_SECONDS", 1.0)
     server.start()
     sizes = HubSizes()
     try:
-        for model in ("org/redirect", "org/huge", "org/garbage"):
+        for model in ("org/redirect", "org/huge", "org/garbage", "org/slow"):
             assert answer(sizes, server.url, model, "main", None, False) is None, model
         assert followed == []
         assert server.url not in sizes.unreachable          # it answered: only those models are unknown

@@ -176,7 +176,7 @@ def test_a_model_deployment_from_pull_to_ready_scaled_and_moved_to_a_new_revisio
     snapshots = Path(volume) / ("models--" + MINILM.replace("/", "--")) / "snapshots"
     assert sorted(p.name for p in snapshots.iterdir()) == [second.commit]
     assert (snapshots / second.commit / "model.safetensors").stat().st_size == first.files["model.safetensors"].size
-    assert "previousRevision" not in custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+    assert "previousSnapshot" not in custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                                          "minilm")["status"]
 
     [pod_monitor] = custom.list_namespaced_custom_object(group, version, namespace, plural)["items"]

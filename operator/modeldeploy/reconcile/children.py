@@ -94,9 +94,10 @@ def apply(patch, namespace: str, body: dict, replace=None):
         try:
             return replace(name, namespace, body, field_manager=FIELD_MANAGER)
         except ApiException as error:
-            if error.status not in (400, 422):
+            if error.status not in (400, 404, 422):     # 404: it never existed; the apply's refusal says why
                 raise
-            refusal = api_message(error)
+            if error.status != 404:
+                refusal = api_message(error)
             break
     raise Refused(f"{body['kind']} {name}: {refusal}")
 

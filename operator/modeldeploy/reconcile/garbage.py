@@ -6,6 +6,7 @@ cannot do this."""
 from __future__ import annotations
 
 import logging
+import re
 
 from kubernetes.client.rest import ApiException
 
@@ -14,10 +15,13 @@ from modeldeploy.manifests.cache import build_prune_job
 from modeldeploy.manifests.common import LABEL_CACHE, LABEL_WEIGHTS, weights_key
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile import events
-from modeldeploy.reconcile.children import Apis, create_if_absent, pods_of
+from modeldeploy.pull import names
+from modeldeploy.pull.names import COMMIT_RE
+from modeldeploy.reconcile.children import Apis, api_message, create_if_absent, pods_of
 from modeldeploy.reconcile.pull_state import completed_result, final_line, terminated, true_conditions
 
 log = logging.getLogger("modeldeploy.operator")
+CLAIM_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")    # as the CRD takes claimName: it is a label value
 
 
 def key_or_none(body, config: OperatorConfig) -> str | None:
@@ -39,9 +43,11 @@ def unused_jobs(jobs: list[dict], mdeps: list[dict], config: OperatorConfig) -> 
             if (j["metadata"]["namespace"], (j["metadata"].get("labels") or {}).get(LABEL_WEIGHTS)) not in live]
 
 
-def collect(apis: Apis, config: OperatorConfig, namespace: str | None) -> list[str]:
+def collect(apis: Apis, config: OperatorConfig, namespace: str | None, prune: bool = True) -> list[str]:
     """Deletes the unused pull Jobs of one namespace (None: every watched one); returns their names. Jobs are listed
-    before the resources: a Job made after that listing belongs to a resource the second listing sees."""
+    before the resources: a Job made after that listing belongs to a resource the second listing sees. `prune`:
+    also take their snapshots out of the cache (not when a resource's key just moved: its pods still serve the old
+    snapshot until they roll, and the resource prunes it then). One Job's trouble never stops the others'."""
     selector = LABEL_WEIGHTS
     if namespace:
         jobs = apis.batch.list_namespaced_job(namespace, label_selector=selector).items
@@ -52,17 +58,20 @@ def collect(apis: Apis, config: OperatorConfig, namespace: str | None) -> list[s
     deleted = []
     for job in unused_jobs(apis.plain(jobs), mdeps, config):
         meta = job["metadata"]
+        if meta.get("deletionTimestamp"):
+            continue
         try:
             apis.batch.delete_namespaced_job(meta["name"], meta["namespace"], propagation_policy="Background")
+            log.info("pull job %s/%s deleted: no ModelDeployment pulls its weights any more", meta["namespace"],
+                     meta["name"])
+            deleted.append(meta["name"])
+            if prune and config.cache.prune:
+                prune_if_unused(apis, config, job,
+                                [m for m in mdeps if m["metadata"]["namespace"] == meta["namespace"]])
         except ApiException as error:
             if error.status != 404:
-                raise
-            continue
-        log.info("pull job %s/%s deleted: no ModelDeployment pulls its weights any more", meta["namespace"],
-                 meta["name"])
-        deleted.append(meta["name"])
-        if config.cache.prune:
-            prune_if_unused(apis, config, job, [m for m in mdeps if m["metadata"]["namespace"] == meta["namespace"]])
+                log.warning("pull job %s/%s: collecting it failed: %s", meta["namespace"], meta["name"],
+                            api_message(error))
     return deleted
 
 
@@ -97,23 +106,35 @@ def prune_if_unused(apis: Apis, config: OperatorConfig, job: dict, mdeps: list[d
     result, claim = completed_result(job, []), claim_of(job)
     if not result or not claim or not result.get("repo") or not result.get("commit"):
         return
-    prune_snapshot(apis, config, job["metadata"]["namespace"], claim, result["repo"], result["commit"], mdeps)
+    prune_snapshot(apis, config, job["metadata"]["namespace"], claim, f"{result['repo']}@{result['commit']}", mdeps)
 
 
-def prune_commit(apis: Apis, config: OperatorConfig, namespace: str, claim: str, model: str, commit: str) -> None:
-    """A resource rolled off `commit` (its revision moved): that snapshot leaves the cache unless another uses it."""
+def prune_previous(apis: Apis, config: OperatorConfig, namespace: str, claim: str, snapshot: str) -> None:
+    """A resource rolled off `snapshot` (ORG/NAME@COMMIT: its model or revision moved): that snapshot leaves the
+    cache unless another resource uses it."""
     mdeps = apis.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-    prune_snapshot(apis, config, namespace, claim, model, commit, mdeps)
+    prune_snapshot(apis, config, namespace, claim, snapshot, mdeps)
 
 
-def prune_snapshot(apis: Apis, config: OperatorConfig, namespace: str, claim: str, model: str, commit: str,
+def prune_snapshot(apis: Apis, config: OperatorConfig, namespace: str, claim: str, snapshot: str,
                    mdeps: list[dict]) -> None:
-    used, unresolved = snapshots_in_use(mdeps, claim)
-    if f"{model}@{commit}" in used or model in unresolved:
+    model, _, commit = snapshot.rpartition("@")
+    try:   # what a Job's annotation says is checked: a tenant can write it
+        names.repo_id(model)
+        if not COMMIT_RE.fullmatch(commit) or not CLAIM_RE.fullmatch(claim):
+            raise ValueError(snapshot)
+    except ValueError:
+        log.warning("cache %s/%s: not pruning %r: not a model@commit", namespace, claim, snapshot)
         return
-    if create_if_absent(apis.batch.create_namespaced_job, namespace,
-                        build_prune_job(claim, model, commit, sorted(used), config)):
-        log.info("cache %s/%s: pruning %s@%s (no ModelDeployment uses it)", namespace, claim, model, commit)
+    used, unresolved = snapshots_in_use(mdeps, claim)
+    if snapshot in used or model in unresolved:
+        return
+    try:
+        if create_if_absent(apis.batch.create_namespaced_job, namespace,
+                            build_prune_job(claim, model, commit, sorted(used), config)):
+            log.info("cache %s/%s: pruning %s (no ModelDeployment uses it)", namespace, claim, snapshot)
+    except ApiException as error:
+        log.warning("cache %s/%s: could not start pruning %s: %s", namespace, claim, snapshot, api_message(error))
 
 
 def report_prune(apis: Apis, job: dict) -> bool:

@@ -102,8 +102,12 @@ def on_gone(type, body, namespace, name, memo, **_):
 
 @kopf.on.startup()
 def collect_garbage_at_start(memo: kopf.Memo, **_) -> None:
+    """Never fails: a start-up handler that raised would keep kopf from watching anything, for every tenant."""
     for namespace in getattr(memo, "namespaces", None) or [None]:
-        garbage.collect(memo.apis, memo.config, namespace)
+        try:
+            garbage.collect(memo.apis, memo.config, namespace)
+        except Exception:
+            log.exception("collecting unused pull Jobs at start-up failed (namespace %s); deletions go on", namespace)
 
 
 # -- children's events --------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ TIMEOUT_SECONDS = 10.0       # a whole lookup, every page
 MAX_BYTES = 8 * 2**20        # of listing JSON, every page
 MAX_PAGES = 20
 MAX_CONCURRENT = 16          # lookups in flight, all endpoints
+BODY_SECONDS = 8.0           # one page's body, once the hub has answered
+MAX_ANSWERS = 10_000         # remembered answers before the stale ones are dropped
 
 
 class Pending:
@@ -64,10 +66,14 @@ async def list_selected_bytes(session: aiohttp.ClientSession, query: Query) -> i
             if response.status != 200:
                 return refused(query, f"HTTP {response.status}")
             body = b""
-            async for chunk in response.content.iter_chunked(65536):
-                body += chunk
-                if len(body) > budget:
-                    return refused(query, f"a listing larger than {MAX_BYTES} bytes")
+            try:
+                async with asyncio.timeout(BODY_SECONDS):
+                    async for chunk in response.content.iter_chunked(65536):
+                        body += chunk
+                        if len(body) > budget:
+                            return refused(query, f"a listing larger than {MAX_BYTES} bytes")
+            except TimeoutError:      # it answered, slowly: this listing is refused, the endpoint is not
+                return refused(query, f"a listing page slower than {BODY_SECONDS:.0f} s")
             budget -= len(body)
             link = response.links.get("next")
         try:
@@ -109,18 +115,23 @@ class HubSizes:
     def selected_bytes(self, endpoint: str, repo_id: str, revision: str, files: list[str] | None,
                        allow_pickle: bool) -> int | None | Pending:
         """Bytes of the selected files if known; None if the hub will not tell (or cannot be reached); PENDING
-        while a lookup runs (it ends within the timeout)."""
+        while a first lookup runs (it ends within the timeout). An answer past its time is still given while it is
+        asked again, so a resource that was sized stays sized (no flapping)."""
         query = Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle)
         now = self.clock()
         with self.lock:
-            if now - self.unreachable.get(endpoint, -UNREACHABLE_SECONDS) < UNREACHABLE_SECONDS:
-                return None
-            if query in self.answers and now - self.answers[query][0] < LISTING_SECONDS:
-                return self.answers[query][1]
+            unreachable = now - self.unreachable.get(endpoint, -UNREACHABLE_SECONDS) < UNREACHABLE_SECONDS
+            known = self.answers.get(query)
+            if known is not None and now - known[0] < LISTING_SECONDS:
+                return known[1]
+            if unreachable:
+                return known[1] if known else None
             if query not in self.running:
                 self.running.add(query)
                 asyncio.run_coroutine_threadsafe(self._look_up(query), self._loop())
-        return PENDING
+            if len(self.answers) > MAX_ANSWERS:
+                self.answers = {q: a for q, a in self.answers.items() if now - a[0] < 2 * LISTING_SECONDS}
+        return known[1] if known else PENDING
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         if self.loop is None:
@@ -131,19 +142,23 @@ class HubSizes:
     async def _look_up(self, query: Query) -> None:
         if self.session is None:
             # No proxy variables, no cookies, no credentials of any kind: the operator asks as nobody.
-            self.session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
-                                                 timeout=aiohttp.ClientTimeout(total=self.timeout))
+            # No answer to a connection or a request within the timeout: the endpoint does not answer.
+            self.session = aiohttp.ClientSession(
+                trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout))
             self.slots = asyncio.Semaphore(MAX_CONCURRENT)
         answer: int | None = None
         try:
-            async with asyncio.timeout(self.timeout):
-                async with self.slots:
+            async with self.slots:      # the time limit starts once a slot is free: others' lookups are not ours
+                async with asyncio.timeout(2 * self.timeout):
                     answer = await self.lister(self.session, query)
-        except Exception as error:      # no answer at all: a timeout, a refused connection
+        except (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError) as error:   # no answer at all
             log.info("hub %s did not answer a listing of %s (%s: %s); cache sizing skips it for %d s",
                      query.endpoint, query.repo_id, type(error).__name__, str(error)[:200], UNREACHABLE_SECONDS)
             with self.lock:
                 self.unreachable[query.endpoint] = self.clock()
+        except Exception as error:      # it answered, but too slowly or not like a hub: this listing only
+            refused(query, f"{type(error).__name__}: {str(error)[:200]}")
         finally:
             with self.lock:
                 self.answers[query] = (self.clock(), answer)

@@ -47,11 +47,13 @@ def reconcile_as_read(body, memo) -> Observation:
             record(memo, meta["namespace"], meta["name"], status)
             before = (body.get("status") or {}).get("weightsKey")
             if before and before != status.get("weightsKey"):     # this write moved it: the old Job may go
-                garbage.collect(memo.apis, memo.config, meta["namespace"])
+                garbage.collect(memo.apis, memo.config, meta["namespace"], prune=False)
         result = "ok"
     finally:
-        if result == "error":   # what was observed before the failure still reaches the status
-            with contextlib.suppress(StaleRead):
+        # A stall found before the failure still reaches the status; a half observation (say, a 500 from the API
+        # server in the serving step) would turn a Ready resource not-Ready, so it is not written.
+        if result == "error" and observation.stalled:
+            with contextlib.suppress(Exception):
                 write_status(memo.apis, body, observation, previous)
         metrics.RECONCILES.labels(result).inc()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -80,6 +82,8 @@ def reconcile_by_name(memo, namespace: str, name: str) -> None:
             record(memo, namespace, name, None)
     except Exception:
         log.exception("mdep %s/%s: reconcile (after a child's event, or refreshing progress) failed", namespace, name)
+        if (pulling := getattr(memo, "pulling", None)) is not None:
+            pulling.add((namespace, name))     # the refresher tries again; a good reconcile takes it off
 
 
 def read_live(apis: Apis, namespace: str, name: str) -> dict | None:

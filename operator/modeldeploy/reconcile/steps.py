@@ -17,7 +17,7 @@ from kubernetes.utils import parse_quantity
 from modeldeploy import endpoints
 from modeldeploy.api import ModelDeploymentSpec, SpecError, name_problems, parse_spec
 from modeldeploy.manifests.cache import build_cache_pvc
-from modeldeploy.manifests.common import pull_job_name, weights_key
+from modeldeploy.manifests.common import ANNOTATION_MODEL, LABEL_CACHE, pull_job_name, weights_key
 from modeldeploy.manifests.monitoring import POD_MONITOR_API, build_pod_monitor
 from modeldeploy.manifests.pull_job import build_pull_job
 from modeldeploy.manifests.serving import build_deployment, build_service, server_selector
@@ -27,7 +27,7 @@ from modeldeploy.reconcile import events, garbage
 from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_absent, last_progress, pods_of,
                                             read_or_none, server_problem)
 from modeldeploy.reconcile.hub_sizes import PENDING
-from modeldeploy.reconcile.pull_state import RESULT_ANNOTATION, pull_state
+from modeldeploy.reconcile.pull_state import RESULT_ANNOTATION, pull_state, true_conditions
 from modeldeploy.reconcile.status import Observation
 
 log = logging.getLogger("modeldeploy.operator")
@@ -88,7 +88,9 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
                    + (f": {why}" if why else "") + ("; the pull pod will bind it" if reason != "ClaimPending" else ""))
         return True     # the pull Job may start: it is the first consumer the claim waits for
     requested = claim["spec"]["resources"]["requests"]["storage"]
-    if parse_quantity(capacity or "0") < parse_quantity(requested):
+    conditions = {c["type"] for c in (claim.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+    # FileSystemResizePending: the volume grew, its filesystem grows when a pod mounts it (the pull will).
+    if parse_quantity(capacity or "0") < parse_quantity(requested) and "FileSystemResizePending" not in conditions:
         message = f"PVC {claim_name} is being expanded from {capacity} to {requested}"
         if pulled_already(body, spec, config):    # serving goes on while the cache grows for another model
             o.cache = (True, "Bound", f"{message}; this model's weights are in")
@@ -107,9 +109,15 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
     return True
 
 
+def pinned(body, key: str) -> str | None:
+    """The ORG/NAME@COMMIT this resource's weights key was pulled at, if it was (status.pin: durable, and cleared
+    by nothing but a pull of another key)."""
+    pin = (body.get("status") or {}).get("pin") or {}
+    return pin.get("snapshot") if pin.get("weightsKey") == key else None
+
+
 def pulled_already(body, spec: ModelDeploymentSpec, config: OperatorConfig) -> bool:
-    status = body.get("status") or {}
-    return bool(status.get("resolvedRevision")) and status.get("weightsKey") == weights_key(spec, config)
+    return pinned(body, weights_key(spec, config)) is not None
 
 
 def expand(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, o: Observation, claim: dict,
@@ -209,14 +217,17 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
             o.weights = (False, "NoSpace", too_small)
             o.stalled = ("NoSpace", too_small)
             return None
+        if pruning := prune_running(apis, namespace, spec):
+            o.weights = (False, "Pruning", f"waiting for {pruning} to finish taking this model out of the cache")
+            o.retry, o.retry_delay = o.weights[2], 5
+            return None
         # A branch resolved once stays pinned until the spec changes: a re-created Job pulls that commit again.
-        status = body.get("status") or {}
-        pinned = status.get("resolvedRevision") if status.get("weightsKey") == key else None
-        if create_if_absent(apis.batch.create_namespaced_job, namespace, build_pull_job(spec, config, key, pinned)):
+        commit = (pinned(body, key) or "").rpartition("@")[2] or None
+        if create_if_absent(apis.batch.create_namespaced_job, namespace, build_pull_job(spec, config, key, commit)):
             events.info(apis.core, body, "PullStarted",
-                        f"pull job {job_name} created for {spec.model.id}@{pinned or spec.model.revision}")
+                        f"pull job {job_name} created for {spec.model.id}@{commit or spec.model.revision}")
             log.info("mdep %s/%s: pull job %s created for %s@%s", namespace, name, job_name, spec.model.id,
-                     pinned or spec.model.revision)
+                     commit or spec.model.revision)
         o.weights = (False, "Pulling", f"pull job {job_name} started")
         return None
     job = apis.plain(job)
@@ -237,14 +248,27 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
     if RESULT_ANNOTATION not in (job["metadata"].get("annotations") or {}):
         remember_result(apis, namespace, job_name, state.result)
     commit = state.result["commit"]
-    o.fields.update(resolvedRevision=commit)
-    prior = (body.get("status") or {}).get("resolvedRevision")
-    if prior and prior != commit:     # its snapshot may leave the cache once no pod serves it (serving_step)
-        o.fields["previousRevision"] = prior
+    snapshot = f"{spec.model.id}@{commit}"
+    o.fields.update(resolvedRevision=commit, pin={"weightsKey": key, "snapshot": snapshot})
+    prior = ((body.get("status") or {}).get("pin") or {}).get("snapshot")
+    if prior and prior != snapshot:     # it may leave the cache once no pod serves it (serving_step)
+        o.fields["previousSnapshot"] = prior
     o.fields["download"].update(bytes=state.result.get("bytes"), totalBytes=state.result.get("bytes"),
                                 files=state.result.get("files"), bytesPerSecond=None, etaSeconds=None)  # None: removed
     o.weights = (True, "Pulled", state.message)
     return commit
+
+
+def prune_running(apis: Apis, namespace: str, spec: ModelDeploymentSpec) -> str | None:
+    """An unfinished prune Job taking this model out of this cache: a pull now would have its files removed under
+    it (a resource deleted and made again at once)."""
+    jobs = apis.batch.list_namespaced_job(
+        namespace, label_selector=f"app.kubernetes.io/component=prune,{LABEL_CACHE}={spec.cache.claim_name}").items
+    for job in apis.plain(jobs):
+        if (job["metadata"].get("annotations") or {}).get(ANNOTATION_MODEL, "").startswith(spec.model.id + "@") \
+                and not {"Complete", "Failed"} & set(true_conditions(job)):
+            return f"prune job {job['metadata']['name']}"
+    return None
 
 
 def remember_result(apis: Apis, namespace: str, job_name: str, result: dict) -> None:
@@ -311,11 +335,11 @@ def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
                     endpoint=f"http://{name}.{namespace}.svc:{spec.service.port}")
     if current and ready >= wanted:
         o.available = (True, "ReplicasReady", f"{ready}/{wanted} replicas ready")
-        previous = o.fields.get("previousRevision") or (body.get("status") or {}).get("previousRevision")
-        if previous and previous != commit:     # rolled out: no pod serves the previous commit any more
+        previous = o.fields.get("previousSnapshot") or (body.get("status") or {}).get("previousSnapshot")
+        if previous and previous != f"{spec.model.id}@{commit}":     # rolled out: no pod serves it any more
             if config.cache.prune:
-                garbage.prune_commit(apis, config, namespace, spec.cache.claim_name, spec.model.id, previous)
-            o.fields["previousRevision"] = None
+                garbage.prune_previous(apis, config, namespace, spec.cache.claim_name, previous)
+            o.fields["previousSnapshot"] = None
         return
     selector = ",".join(f"{k}={v}" for k, v in server_selector(name).items())
     problem = server_problem(pods_of(apis, namespace, selector))
