@@ -8,7 +8,6 @@ to another host, a listing larger than the byte cap, a listing that is not JSON.
 
 from __future__ import annotations
 
-
 import asyncio
 
 from aiohttp import web
