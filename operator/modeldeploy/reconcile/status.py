@@ -81,8 +81,8 @@ def status_patch(observation: Observation, previous: list[dict]) -> tuple[dict, 
 
 
 # -- writing it ------------------------------------------------------------------------------------------------------
-PROGRESS_REASONS = {"Waiting", "Creating", "Sizing", "Expanding", "WaitingForFirstConsumer", "Pulling", "RollingOut",
-                    "ReplicasNotReady", "Ready", "Progressing"}
+PROGRESS_REASONS = {"Waiting", "Creating", "Sizing", "Expanding", "WaitingForFirstConsumer", "Pruning", "Pulling",
+                    "RollingOut", "ReplicasNotReady", "Ready", "Progressing"}
 
 
 class StaleRead(Exception):
