@@ -211,7 +211,7 @@ def test_bad_inputs_that_only_the_hub_can_reveal(api_client, namespace, operator
         wait_for(lambda: any(e.type == "Warning" and e.reason == reason for e in core.list_namespaced_event(
             namespace, field_selector=f"involvedObject.name={name}").items), 30, f"a Warning Event for {name}")
     small = condition(custom, namespace, "small-cache", "Stalled")["message"]
-    assert "holds 10Mi but its models need 0.08 GiB and it cannot be expanded" in small
+    assert "holds 10Mi but its models need 0.09 GiB and it cannot be expanded (Forbidden)" in small   # 91 MB
     jobs = {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
     assert len(jobs) == 2 and not any("minilm" in j for j in jobs)   # the small cache started no pull
 
