@@ -86,7 +86,10 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
         reason = "WaitingForFirstConsumer" if "first consumer" in why else "ClaimPending"
         o.cache = (False, reason, f"PVC {claim_name} is {(claim.get('status') or {}).get('phase')}"
                    + (f": {why}" if why else "") + ("; the pull pod will bind it" if reason != "ClaimPending" else ""))
-        return True     # the pull Job may start: it is the first consumer the claim waits for
+        if reason == "WaitingForFirstConsumer":
+            return True     # the pull Job may start: it is the first consumer the claim waits for
+        o.retry, o.retry_delay = o.cache[2], 5     # binding at once: its size is checked before a pull
+        return False
     requested = claim["spec"]["resources"]["requests"]["storage"]
     conditions = {c["type"] for c in (claim.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
     # FileSystemResizePending: the volume grew, its filesystem grows when a pod mounts it (the pull will).
