@@ -123,7 +123,14 @@ def test_state_outlives_pods_updates_converge_and_the_scheduler_is_heard(api_cli
         commit = wait_ready(custom, namespace, "m")["resolvedRevision"]
 
         # Ready and left alone, it costs the API server nothing beyond kopf's watches.
-        wait_for(lambda: apps.read_namespaced_deployment("m", namespace).status.ready_replicas == 1, 30, "settled")
+        # (Pods settle for a few seconds after Ready: their last status updates are events the operator follows.)
+        quiet: list = [None]    # the first look only takes a sample
+
+        def quiet_for_10s():
+            before, quiet[0] = quiet[0], api_requests(port)
+            return before == quiet[0]
+
+        wait_for(quiet_for_10s, 180, "the operator to settle after Ready", interval=10)
         before = api_requests(port)
         time.sleep(IDLE_SECONDS)    # a quiet period is what is measured here, not a condition to wait for
         print(f"idle Ready ModelDeployment: {api_requests(port) - before:.0f} API requests in {IDLE_SECONDS} s")
@@ -147,7 +154,8 @@ def test_state_outlives_pods_updates_converge_and_the_scheduler_is_heard(api_cli
             "serve", "--model", "org/minilm-c", "--revision", commit, "--cache-dir", "/cache",
             "--task", "feature-extraction", "--port", "8080"]}
         switches = [({"replicas": 1, "runtime": custom_engine, "service": {"port": 8000}}, "custom"),
-                    ({"runtime": {"engine": "builtin"}, "monitoring": {"enabled": False}}, "builtin, no sidecar"),
+                    ({"runtime": {"engine": "builtin", "image": None, "port": None, "args": []},   # the custom engine's go
+                      "monitoring": {"enabled": False}}, "builtin, no sidecar"),
                     ({"monitoring": {"enabled": True}, "service": {"port": 80}}, "builtin again")]
         for generation, (change, what) in enumerate(switches, start=3):
             custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "m", {"spec": change})
