@@ -123,6 +123,19 @@ class Service(Spec):
     port: int = Field(80, ge=1, le=65535)
 
 
+class Autoscaling(Spec):
+    """Replicas from load: the gateway (which sees every request) measures requests in flight per model and
+    decides; the operator applies its decision within these bounds and ignores spec.replicas."""
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    target_in_flight: float = Field(4, gt=0, le=10000)
+    scale_up_seconds: int = Field(15, ge=0, le=3600)
+    scale_down_delay_seconds: int = Field(300, ge=0, le=86400)
+
+    def clamp(self, replicas: int) -> int:
+        return min(max(replicas, self.min_replicas), self.max_replicas)
+
+
 class ModelDeploymentSpec(Spec):
     model: ModelSource
     task: Literal["feature-extraction", "sentence-similarity", "text-classification",
@@ -130,6 +143,7 @@ class ModelDeploymentSpec(Spec):
     accelerator: Accelerator = Field(default_factory=Accelerator)
     quantization: Literal["auto", "none", "fp16", "bf16", "int8-dynamic"] = "auto"
     replicas: int = Field(1, ge=0, le=1000)
+    autoscaling: Autoscaling | None = None
     cache: Cache = Field(default_factory=Cache)
     download: Download = Field(default_factory=Download)
     runtime: Runtime = Field(default_factory=Runtime)
@@ -171,7 +185,20 @@ class ModelDeploymentSpec(Spec):
                 if any(arg.split("=")[0] == flag for arg in self.runtime.args):
                     found.append(f"spec.runtime.args: {flag} is set through spec.{field}, which the operator "
                                  "checks and announces")
+        if self.autoscaling and self.autoscaling.max_replicas < self.autoscaling.min_replicas:
+            found.append(f"spec.autoscaling.maxReplicas ({self.autoscaling.max_replicas}) is below "
+                         f"spec.autoscaling.minReplicas ({self.autoscaling.min_replicas})")
         return found + endpoints.problems(self, config)
+
+    def wanted_replicas(self, status: dict | None) -> int:
+        """The serving pods to run: spec.replicas (which `kubectl scale`, an HPA or KEDA may write through the scale
+        subresource), or with spec.autoscaling the gateway's decision (status.autoscaler.desiredReplicas, its only
+        writer) within the bounds, starting at minReplicas: a GitOps tool that owns spec.replicas never fights it."""
+        if self.autoscaling is None:
+            return self.replicas
+        desired = ((status or {}).get("autoscaler") or {}).get("desiredReplicas")
+        return self.autoscaling.clamp(desired if isinstance(desired, int) and not isinstance(desired, bool)
+                                      else self.autoscaling.min_replicas)
 
 
 def name_problems(name: str) -> list[str]:

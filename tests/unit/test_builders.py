@@ -170,7 +170,8 @@ def test_the_crd_and_the_spec_model_agree_on_defaults():
     crd = yaml.safe_load(CRD.read_text())
     spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     model = ModelDeploymentSpec.model_validate({
-        "model": {"id": "a/b", "tokenSecretRef": {"name": "s"}}}).model_dump(by_alias=True)
+        "model": {"id": "a/b", "tokenSecretRef": {"name": "s"}}, "autoscaling": {"maxReplicas": 2}}
+    ).model_dump(by_alias=True)
     checked = 0
     for path, default in schema_defaults(spec_schema).items():
         value = model

@@ -102,7 +102,9 @@ def monitor_container(config: OperatorConfig, spec: ModelDeploymentSpec, server_
     }
 
 
-def build_deployment(name: str, spec: ModelDeploymentSpec, config: OperatorConfig, commit: str) -> dict:
+def build_deployment(name: str, spec: ModelDeploymentSpec, config: OperatorConfig, commit: str,
+                     replicas: int | None = None) -> dict:
+    """`replicas`: the count to run (ModelDeploymentSpec.wanted_replicas), else spec.replicas."""
     profile = config.profiles[spec.accelerator.profile]
     server = engine_container(spec, profile, config, commit)
     containers = [server]
@@ -135,7 +137,7 @@ def build_deployment(name: str, spec: ModelDeploymentSpec, config: OperatorConfi
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "labels": labels},
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": spec.replicas if replicas is None else replicas,
             "selector": {"matchLabels": server_selector(name)},
             "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
         },

@@ -100,6 +100,22 @@ def on_gone(type, body, namespace, name, memo, **_):
         garbage.collect(memo.apis, memo.config, namespace)
 
 
+@kopf.on.event(*MDEP)
+def on_autoscaled(type, body, memo, by_claim: kopf.Index, **_):
+    """The gateway's decision (status.autoscaler, which it alone writes) that the Deployment does not run yet: a
+    status change, which the spec handlers above never see."""
+    if type != "MODIFIED" or not (body.get("spec") or {}).get("autoscaling"):
+        return
+    try:
+        spec = parse_spec(dict(body))
+    except SpecError:
+        return
+    running = (body.get("status") or {}).get("desiredReplicas")     # None: not serving yet, nothing to move
+    if running is not None and spec.wanted_replicas(body.get("status")) != running:
+        remember(memo, by_claim)
+        reconcile(body, memo)
+
+
 @kopf.on.startup()
 def collect_garbage_at_start(memo: kopf.Memo, **_) -> None:
     """Never fails: a start-up handler that raised would keep kopf from watching anything, for every tenant."""

@@ -303,7 +303,8 @@ def cache_too_small(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Api
 def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, o: Observation,
                  commit: str) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    deployment, service = build_deployment(name, spec, config, commit), build_service(name, spec)
+    wanted = spec.wanted_replicas(body.get("status"))
+    deployment, service = build_deployment(name, spec, config, commit, wanted), build_service(name, spec)
     children = [deployment, service]
     if spec.monitoring.enabled and config.monitoring.pod_monitors == "auto" and pod_monitors_exist(
             apis, config.monitoring.discovery_interval_seconds):
@@ -327,7 +328,7 @@ def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         o.available = (False, "Refused", f"the API server refused {refused}")
         o.stalled = ("Refused", o.available[2])
         return
-    status, wanted = live.get("status") or {}, spec.replicas
+    status = live.get("status") or {}
     ready = status.get("readyReplicas") or 0
     # As `kubectl rollout status` judges it: the new template's pods all there and no old pod left, since an old
     # ready pod beside a new one that cannot start would otherwise count as ready.
@@ -335,9 +336,11 @@ def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         (status.get("updatedReplicas") or 0) >= wanted and (status.get("replicas") or 0) <= wanted
     o.fields.update(replicas=status.get("replicas") or 0, readyReplicas=ready, readyText=f"{ready}/{wanted}",
                     selector=",".join(f"{k}={v}" for k, v in server_selector(name).items()),
-                    endpoint=f"http://{name}.{namespace}.svc:{spec.service.port}")
+                    endpoint=f"http://{name}.{namespace}.svc:{spec.service.port}", desiredReplicas=wanted)
+    if spec.autoscaling is None and (body.get("status") or {}).get("autoscaler"):
+        o.fields["autoscaler"] = None       # the gateway's last decision means nothing any more
     if current and ready >= wanted:
-        o.available = (True, "ReplicasReady", f"{ready}/{wanted} replicas ready")
+        o.available = (True, "ReplicasReady" if wanted else "ScaledToZero", f"{ready}/{wanted} replicas ready")
         previous = o.fields.get("previousSnapshot") or (body.get("status") or {}).get("previousSnapshot")
         if previous and previous != f"{spec.model.id}@{commit}":     # rolled out: no pod serves it any more
             if config.cache.prune:
