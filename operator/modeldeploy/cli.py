@@ -7,6 +7,7 @@ import logging
 import sys
 
 from modeldeploy import __version__, prune, render
+from modeldeploy.gateway import cli as gateway_cli
 from modeldeploy.monitor import cli as monitor_cli
 from modeldeploy.pull import cli as pull_cli
 from modeldeploy.reconcile import cli as operator_cli
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.register(commands)
     operator_cli.register(commands)
     monitor_cli.register(commands)
+    gateway_cli.register(commands)
     return parser
 
 

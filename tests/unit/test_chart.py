@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from modeldeploy.config import OperatorConfig
-from modeldeploy.reconcile.permissions import OPTIONAL_RULES, RULES
+from modeldeploy.reconcile.permissions import GATEWAY_RULES, OPTIONAL_RULES, RULES
 from tests.helpers import REPO, helm_binary
 
 CHART = REPO / "charts" / "modeldeploy"
@@ -78,11 +78,13 @@ def expected(rules) -> set[tuple[str, str, str]]:
 
 def test_rbac_grants_exactly_what_the_operator_checks_for(helm):
     docs = template(helm)
-    [role] = by_kind(docs, "ClusterRole")
+    gateway, role = sorted(by_kind(docs, "ClusterRole"), key=lambda r: not r["metadata"]["name"].endswith("-gateway"))
     assert rules_of(role) == expected(RULES + OPTIONAL_RULES)
+    assert gateway["metadata"]["name"].endswith("-gateway") and rules_of(gateway) == expected(GATEWAY_RULES)
     assert not by_kind(docs, "Role")
     never = template(helm, "--set", "monitoring.podMonitors=never")
-    assert rules_of(by_kind(never, "ClusterRole")[0]) == expected(RULES)
+    assert rules_of(by_kind(never, "ClusterRole")[-1]) == expected(RULES)
+    assert len(by_kind(template(helm, "--set", "gateway.enabled=false"), "ClusterRole")) == 1
     # No wildcard, and no access to Secrets at all: the operator reads no Secret values (pods get them by
     # secretKeyRef, from the kubelet).
     assert not any("*" in item for item in rules_of(role))
@@ -93,7 +95,12 @@ def test_namespaced_watch_has_nothing_cluster_wide(helm):
     docs = template(helm, "--set", "watchNamespaces={team-a,team-b}")
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     roles = by_kind(docs, "Role")
-    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-a", "team-b", "team-b"]
+    gateway = [r for r in roles if r["metadata"]["name"].endswith("-gateway")]
+    assert len(gateway) == 2 and all(rules_of(r) == expected(GATEWAY_RULES) for r in gateway)
+    [args] = [d["spec"]["template"]["spec"]["containers"][0]["args"] for d in by_kind(docs, "Deployment")
+              if d["metadata"]["name"].endswith("-gateway")]
+    assert args[0] == "gateway" and "--namespace=team-a" in args and "--namespace=team-b" in args
     bindings = by_kind(docs, "RoleBinding")
     assert all(b["subjects"][0]["namespace"] == "mdsys" for b in bindings)
     config = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"])
@@ -110,7 +117,8 @@ def test_values_reach_the_operator_configuration(helm):
     assert config.profiles["cpu"].images["builtin"] == "registry.example/rt:dev"
     assert config.profiles["nvidia"].images["builtin"].startswith("ghcr.io/modeldeploy/")
     assert config.cache.storage_class_name == "fast" and config.image_pull_policy == "Never"
-    [deployment] = by_kind(docs, "Deployment")
+    gateway, deployment = sorted(by_kind(docs, "Deployment"), key=lambda d: d["metadata"]["name"] != "md-modeldeploy-gateway")
+    assert gateway["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/md:dev"
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"] == "registry.example/md:dev"

@@ -64,3 +64,22 @@ app.kubernetes.io/component: operator
   verbs: [create, patch]
 {{- end }}
 {{- end -}}
+
+{{/* The gateway's RBAC, once: operator/modeldeploy/reconcile/permissions.py GATEWAY_RULES (a unit test compares). */}}
+{{- define "modeldeploy.gatewayRules" -}}
+- apiGroups: [modeldeploy.io]
+  resources: [modeldeployments]
+  verbs: [list, watch]
+- apiGroups: [modeldeploy.io]
+  resources: [modeldeployments/status]
+  verbs: [patch]
+- apiGroups: [""]
+  resources: [endpoints]
+  verbs: [list, watch]
+{{- end -}}
+
+{{- define "modeldeploy.gatewaySelector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end -}}

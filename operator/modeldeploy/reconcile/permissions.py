@@ -26,6 +26,14 @@ OPTIONAL_RULES: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
+# `modeldeploy gateway`: it reads the models and their ready pod addresses, and writes only status.autoscaler.
+GATEWAY_RULES: list[tuple[str, str, tuple[str, ...]]] = [
+    ("modeldeploy.io", "modeldeployments", ("list", "watch")),
+    ("modeldeploy.io", "modeldeployments/status", ("patch",)),
+    ("", "endpoints", ("list", "watch")),
+]
+
+
 @dataclass(frozen=True)
 class Missing:
     namespace: str | None
@@ -38,11 +46,12 @@ class Missing:
         return f"{self.verb} {self.resource}{'.' + self.group if self.group else ''} {where}"
 
 
-def missing_permissions(api: client.AuthorizationV1Api, namespaces: list[str]) -> list[Missing]:
+def missing_permissions(api: client.AuthorizationV1Api, namespaces: list[str],
+                        rules: list[tuple[str, str, tuple[str, ...]]] = RULES) -> list[Missing]:
     """Asks with SelfSubjectAccessReviews (which any authenticated identity may create) for every rule."""
     missing = []
     for namespace in namespaces or [None]:
-        for group, resource, verbs in RULES:
+        for group, resource, verbs in rules:
             name, _, subresource = resource.partition("/")
             for verb in verbs:
                 review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(

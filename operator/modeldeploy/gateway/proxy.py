@@ -1,0 +1,300 @@
+"""The gateway's HTTP side: OpenAI's routes, each request routed on its `model` field to that model's ready pod with
+the fewest requests in flight; held (bounded in number and time) while the model has no ready pod; streams passed on
+chunk by chunk. Errors the gateway itself answers come in OpenAI's shape (serve/'s error classes); a server's own
+answers, errors included, pass through unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from modeldeploy.gateway.autoscaler import Decision, Recommender
+from modeldeploy.gateway.metrics import GatewayMetrics
+from modeldeploy.gateway.routing import Key, Model, Pool, public_names, resolve
+from modeldeploy.reconcile.status import now as timestamp
+from modeldeploy.serve.app import error_response, from_aiohttp
+from modeldeploy.serve.errors import BadInput, ModelNotFound, NotReady, QueueFull, ServeError, TimedOut
+from modeldeploy.serve.requests import Limits, OpenAIRequest
+
+log = logging.getLogger("modeldeploy.gateway")
+ROUTES = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/classify")
+PASSED_BACK = ("Content-Type", "Retry-After", "Allow")
+MODEL = web.RequestKey("model", tuple)      # the model's (namespace, name) once known, for the metrics
+
+
+@dataclass(frozen=True)
+class Options:
+    max_body_bytes: int = 4 * 2**20
+    hold_timeout: float = 300.0         # a held request's longest wait for a ready replica
+    max_held: int = 256                 # held requests per model; more are refused at once (503)
+    request_timeout: float = 600.0      # to the server's last byte
+    connect_timeout: float = 5.0
+    tick: float = 1.0                   # autoscaler period
+
+
+class Unreachable(ServeError):
+    status, kind, metric = 502, "bad_gateway", "upstream"
+
+
+# (namespace, name, fields) -> written: the autoscaler's decision into the ModelDeployment's status.
+StatusWriter = Callable[[str, str, dict], Awaitable[None]]
+
+
+class Gateway:
+    def __init__(self, options: Options = Options(), metrics: GatewayMetrics | None = None,
+                 write_status: StatusWriter | None = None):
+        self.options = options
+        self.metrics = metrics or GatewayMetrics()
+        self.write_status = write_status
+        self.models: dict[Key, Model] = {}
+        self.pools: dict[Key, Pool] = {}
+        self.recommenders: dict[Key, Recommender] = {}
+        self.synced = asyncio.Event()        # set once the watches listed what exists
+        self.session: aiohttp.ClientSession | None = None
+
+    # -- the routing table, as the watches (or a fixed list) tell it -----------------------------------------------
+    def pool(self, key: Key) -> Pool:
+        if key not in self.pools:
+            now = time.monotonic()
+            self.pools[key] = Pool(since=now, changed=now)
+        return self.pools[key]
+
+    def set_model(self, model: Model) -> None:
+        old = self.models.get(model.key)
+        if old is not None and old.desired != model.desired and model.desired is not None:
+            self.metrics.desired.labels(*model.key).set(model.desired)
+        self.models[model.key] = model
+        self.pool(model.key)
+
+    def drop_model(self, key: Key) -> None:
+        self.models.pop(key, None)
+        self.recommenders.pop(key, None)
+
+    def set_addresses(self, key: Key, addresses: list[str]) -> None:
+        pool = self.pool(key)
+        was_empty = not pool.addresses
+        pool.set_addresses(addresses)
+        self.metrics.ready_pods.labels(*key).set(len(addresses))
+        if was_empty and addresses and pool.held_since is not None:
+            seconds = time.monotonic() - pool.held_since
+            pool.held_since = None
+            self.metrics.cold_start.labels(*key).set(seconds)
+            log.info("%s/%s: a replica is ready %.1f s after the first held request", *key, seconds)
+            model = self.models.get(key)
+            if model is not None and model.autoscaling is not None:
+                self.spawn(self.report(key, {"coldStartSeconds": round(seconds, 2)}))
+
+    # -- requests --------------------------------------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self.guard], client_max_size=self.options.max_body_bytes)
+        app.router.add_get("/v1/models", self.list_models)
+        for route in ROUTES:
+            app.router.add_post(route, self.forward)
+        app.router.add_get("/metrics", self.export_metrics)
+        app.router.add_get("/healthz", self.liveness)
+        app.router.add_get("/readyz", self.readiness)
+        app.on_startup.append(self.start)
+        app.on_cleanup.append(self.stop)
+        return app
+
+    async def start(self, _app) -> None:
+        # No limit on connections: each one carries one request, and the servers bound their own queues.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(
+            total=self.options.request_timeout, sock_connect=self.options.connect_timeout))
+        self.tasks = {asyncio.get_running_loop().create_task(self.autoscale_forever())}
+
+    async def stop(self, _app) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await self.session.close()
+
+    def spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler):
+        started = time.monotonic()
+        error = None
+        try:
+            response = await handler(request)
+        except ServeError as raised:
+            error = raised
+        except web.HTTPException as raised:
+            if raised.status < 400:
+                raise
+            error = from_aiohttp(request, raised, Limits(max_body_bytes=self.options.max_body_bytes))
+        except Exception as raised:
+            log.exception("%s %s failed", request.method, request.path)
+            error = ServeError(f"internal error: {type(raised).__name__}")
+        if error is not None:
+            response = error_response(request, error)
+        if request.method == "POST":
+            labels = request.get(MODEL, ("", ""))
+            self.metrics.requests.labels(*labels, request.path if request.path in ROUTES else "other",
+                                         str(response.status)).inc()
+            if error is not None:
+                self.metrics.errors.labels(*labels, error.metric).inc()
+            else:
+                self.metrics.latency.labels(*labels).observe(time.monotonic() - started)
+        return response
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        names = public_names(self.models)
+        data = [{"id": names[key], "object": "model", "created": model.created, "owned_by": key[0],
+                 "root": model.served_as} for key, model in sorted(self.models.items()) if model.ready]
+        return web.json_response({"object": "list", "data": data})
+
+    async def liveness(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readiness(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok") if self.synced.is_set() else web.Response(status=503, text="syncing")
+
+    async def export_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def route(self, body: bytes) -> tuple[dict, Model]:
+        """The request's JSON and the model it names; 400 for a body that is no JSON object or names no model, 404
+        for a model the gateway does not know."""
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as error:
+            raise BadInput(f"the request body is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise BadInput("the request body must be a JSON object")
+        try:
+            asked = OpenAIRequest.model_validate({"model": data.get("model")}).model
+        except ValueError:
+            raise BadInput("model: must be a string", "model") from None
+        if not asked:
+            raise BadInput("model: required: the gateway routes on it (GET /v1/models lists them)", "model")
+        key, candidates = resolve(self.models, asked)
+        if key is None:
+            hint = (f"; it exists in several namespaces: {', '.join(candidates)}" if candidates else
+                    f"; this gateway serves {', '.join(sorted(public_names(self.models).values())) or 'none'}")
+            raise ModelNotFound(f"the model {asked[:200]!r} does not exist{hint[:1000]}", "model")
+        return data, self.models[key]
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        data, model = self.route(await request.read())
+        request[MODEL] = model.key
+        if model.stalled:
+            raise NotReady(f"the model {model.name!r} cannot serve: {model.stalled}")
+        data["model"] = model.served_as
+        payload = json.dumps(data, separators=(",", ":")).encode()
+        pool = self.pool(model.key)
+        gauge = self.metrics.in_flight.labels(*model.key)
+        pool.add(1, time.monotonic())
+        gauge.inc()
+        try:
+            if not pool.addresses:
+                await self.hold(model, pool)
+            return await self.send(request, pool, payload)
+        finally:
+            pool.add(-1, time.monotonic())
+            gauge.dec()
+
+    async def hold(self, model: Model, pool: Pool) -> None:
+        """Waits for a ready replica: at most `max_held` requests per model, each at most `hold_timeout`. The
+        request counts as in flight meanwhile, which is what makes the autoscaler start a replica."""
+        if pool.held >= self.options.max_held:
+            raise QueueFull(f"{pool.held} requests already wait for a replica of {model.name!r}")
+        now = time.monotonic()
+        if pool.held_since is None:
+            pool.held_since = now
+        pool.held += 1
+        gauge = self.metrics.held.labels(*model.key)
+        gauge.inc()
+        try:
+            async with asyncio.timeout(self.options.hold_timeout):
+                while not pool.addresses:
+                    await pool.available.wait()
+        except TimeoutError:
+            raise NotReady(f"no replica of {model.name!r} became ready within {self.options.hold_timeout:g} s"
+                           ) from None
+        finally:
+            pool.held -= 1
+            gauge.dec()
+            self.metrics.hold_seconds.labels(*model.key).observe(time.monotonic() - now)
+            if not pool.held and pool.addresses:
+                pool.held_since = None
+
+    async def send(self, request: web.Request, pool: Pool, payload: bytes) -> web.StreamResponse:
+        """To the ready address with the fewest requests in flight; one whose connection is refused (a pod going
+        away before its endpoint does) gives way to the next. A server's answer passes through as it comes."""
+        tried: set[str] = set()
+        while (address := pool.pick(tried)) is not None:
+            tried.add(address)
+            pool.in_flight[address] += 1
+            try:
+                async with self.session.post(f"http://{address}{request.path}", data=payload,
+                                             headers={"Content-Type": "application/json"}) as upstream:
+                    headers = {k: upstream.headers[k] for k in PASSED_BACK if k in upstream.headers}
+                    if upstream.content_type != "text/event-stream":
+                        return web.Response(status=upstream.status, body=await upstream.read(), headers=headers)
+                    response = web.StreamResponse(status=upstream.status, headers={**headers,
+                                                                                   "Cache-Control": "no-cache"})
+                    await response.prepare(request)
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+                    await response.write_eof()
+                    return response
+            except aiohttp.ClientConnectorError:
+                log.warning("%s: connection refused, trying another replica", address)
+            except asyncio.TimeoutError:
+                raise TimedOut(f"the model server took longer than {self.options.request_timeout:g} s") from None
+            except aiohttp.ClientError as error:
+                raise Unreachable(f"the model server failed: {type(error).__name__}") from None
+            finally:
+                pool.in_flight[address] -= 1
+                if not pool.in_flight[address]:
+                    del pool.in_flight[address]
+        raise Unreachable("no replica of this model accepted the connection")
+
+    # -- autoscaling -------------------------------------------------------------------------------------------------
+    async def autoscale_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.tick)
+            try:
+                self.autoscale_once(time.monotonic())
+            except Exception:
+                log.exception("autoscaler tick failed")
+
+    def autoscale_once(self, now: float) -> None:
+        for key, model in list(self.models.items()):
+            pool = self.pool(key)
+            load = pool.average_since_last(now)
+            if model.autoscaling is None:
+                self.recommenders.pop(key, None)
+                continue
+            recommender = self.recommenders.setdefault(key, Recommender(started=now))
+            decision = recommender.decide(now, load, model.autoscaling, model.current_replicas())
+            if decision is not None:
+                self.apply(model, decision)
+
+    def apply(self, model: Model, decision: Decision) -> None:
+        log.info("%s/%s: %s -> %d replicas (%s)", model.namespace, model.name, model.current_replicas(),
+                 decision.replicas, decision.reason)
+        model.desired = decision.replicas       # taken at once: the next tick starts from it
+        self.metrics.desired.labels(*model.key).set(decision.replicas)
+        self.spawn(self.report(model.key, {"desiredReplicas": decision.replicas, "reason": decision.reason[:1000],
+                                           "lastScaleTime": timestamp()}))
+
+    async def report(self, key: Key, fields: dict) -> None:
+        if self.write_status is None:
+            return
+        try:
+            await self.write_status(*key, fields)
+        except Exception:
+            log.exception("%s/%s: writing status.autoscaler failed", *key)
