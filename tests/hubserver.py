@@ -323,7 +323,9 @@ class HubServer:
         headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes", "ETag": f'"{etag}"'}
         if f.is_lfs and self.flavor.lfs_metadata:
             headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
-        data = f.data[:-fault.short_by] if fault and fault.kind == "truncate" else f.data
+        data = memoryview(f.data)    # slices of it are sent as they are: no copy of a multi-gigabyte body
+        if fault and fault.kind == "truncate":
+            data = data[:-fault.short_by]
         if fault and fault.kind == "truncate" and "X-Linked-Size" in headers:
             headers["X-Linked-Size"] = str(len(data))
         start, end, ranged = 0, len(data), False
@@ -371,7 +373,10 @@ class HubServer:
             if self.per_connection:
                 connection_free_at = max(connection_free_at, time.monotonic()) + len(piece) / self.per_connection
                 await asyncio.sleep(max(0.0, connection_free_at - time.monotonic()))
-            await response.write(piece)
+            try:
+                await response.write(piece)
+            except ConnectionResetError:     # the client went away (a killed puller, a cut stream)
+                return
             offset += len(piece)
             with self._lock:
                 self.bytes_sent[path] += len(piece)

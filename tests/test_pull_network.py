@@ -6,6 +6,7 @@ commits; requests go through a real forward proxy (tinyproxy) unless NO_PROXY sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -149,14 +150,51 @@ def test_a_hub_that_never_answers_fails_with_a_named_reason_within_the_deadline(
     assert time.monotonic() - started < 30
 
 
-def test_a_large_file_comes_as_parallel_ranged_segments(server, tmp_path):
+@pytest.mark.parametrize("split_mib,pieces", [(4, 4), (2, 8)])
+def test_a_large_file_comes_as_parallel_ranged_pieces_in_file_order(server, tmp_path, split_mib, pieces):
     hub = server(repo(16), per_connection=20e6)
-    code, events, _ = pull([hub.url], tmp_path / "cache", "--streams-per-file", "4", "--split-size", str(4 << 20))
+    code, events, _ = pull([hub.url], tmp_path / "cache", "--streams-per-file", "4",
+                           "--split-size", str(split_mib << 20))
     assert code == 0, events
     size = hub.repos[MODEL].files[BIG].size
-    assert sorted(hub.range_starts[BIG]) == [size * i // 4 for i in range(4)]
+    bounds = [size * i // pieces for i in range(pieces)]
+    starts = hub.range_starts[BIG]
+    assert sorted(starts) == bounds
+    assert sorted(starts[:4]) == bounds[:4]            # four at once, the first ones first
     assert hub.total_bytes_sent == sum(f.size for f in hub.repos[MODEL].files.values())
     assert events[-1]["checks"]["sha256"] == 1
+
+
+def test_the_sha256_is_computed_from_the_disk_as_pieces_complete_in_any_order(tmp_path):
+    data = os.urandom(5 << 20)
+    path = tmp_path / "partial"
+    path.write_bytes(data)
+    bounds = [0, 1 << 20, 3 << 20, 4 << 20, 5 << 20]
+    segments = [[a, b, 0] for a, b in zip(bounds, bounds[1:])]
+    segments[1][2] = segments[1][1] - segments[1][0]          # complete before the attempt (a resume)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        digest = transfer.PieceDigest(fd, segments)
+        for index in (3, 0, 2):
+            digest.complete(index)
+        assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+        digest.stop()
+
+        waiting = transfer.PieceDigest(fd, segments)           # piece 0 never completes: stopped, no digest
+        waiting.complete(2)
+        waiting.stop()
+        assert waiting.hexdigest() is None
+    finally:
+        os.close(fd)
+    path.write_bytes(data[:2 << 20])                           # shorter than its pieces: no digest, not a wrong one
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        short = transfer.PieceDigest(fd, segments)
+        for index in range(4):
+            short.complete(index)
+        assert short.hexdigest() is None
+    finally:
+        os.close(fd)
 
 
 def test_the_next_endpoint_serves_when_the_first_is_down_or_failing(server, tmp_path):

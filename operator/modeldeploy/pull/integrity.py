@@ -57,21 +57,22 @@ def safetensors_header_ok(path: Path) -> bool:
     return 8 + length + (max(ends) if ends else 0) == size
 
 
-def verify(path: Path, expected: Expected, blob_name: str) -> str:
+def verify(path: Path, expected: Expected, blob_name: str, known_sha256: str | None = None) -> str:
     """Raises IntegrityFailure, or returns the name of the check that passed. `blob_name` is the ETag the hub
-    served the file under: a sha256 for LFS files on Hugging Face."""
+    served the file under: a sha256 for LFS files on Hugging Face. `known_sha256`: the file's own, when it was
+    computed as the file arrived (so a large file is not read again)."""
     size = path.stat().st_size
     if expected.size is not None and size != expected.size:
         raise IntegrityFailure(f"{expected.path}: size {size}, the hub announced {expected.size}")
     # One pass over the file in the common cases: only the hash that can be compared is computed.
     if expected.checksum:
-        sha256 = file_hash(path, "sha256")
+        sha256 = known_sha256 or file_hash(path, "sha256")
         if sha256 != expected.checksum.lower():
             raise IntegrityFailure(f"{expected.path}: sha256 {sha256} differs from the supplied checksum")
         return "checksum"
     announced_sha256 = expected.sha256 or (blob_name if SHA256_RE.match(blob_name) else None)
     if announced_sha256:
-        sha256 = file_hash(path, "sha256")
+        sha256 = known_sha256 or file_hash(path, "sha256")
         if sha256 != announced_sha256:
             raise IntegrityFailure(f"{expected.path}: sha256 {sha256} differs from the hub's {announced_sha256}")
         return "sha256"
@@ -81,7 +82,7 @@ def verify(path: Path, expected: Expected, blob_name: str) -> str:
             return "git-sha1"
         # Hubs that leave LFS metadata out still list the git blob id, which for an LFS file is the id of its
         # pointer - and the pointer holds the content's sha256. So the content is still checked end to end.
-        if lfs_pointer_sha1(file_hash(path, "sha256"), size) == expected.git_sha1:
+        if lfs_pointer_sha1(known_sha256 or file_hash(path, "sha256"), size) == expected.git_sha1:
             return "sha256-via-lfs-pointer"
         raise IntegrityFailure(f"{expected.path}: neither the content ({git_sha1}) nor its LFS pointer matches the "
                                f"hub's git blob id {expected.git_sha1}")

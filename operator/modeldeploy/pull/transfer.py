@@ -6,10 +6,12 @@ the blob's hash (`blobs/<hash>.part`), written under huggingface_hub's per-blob 
 the same file lock, so a huggingface_hub download of that blob waits too). Beside it, `blobs/<hash>.part.json`
 records the byte ranges known to be on disk (data is flushed with fdatasync before a range is recorded), so whoever
 takes the lock next — the next attempt, the next pod, a pod on another node of a shared volume — continues from
-there with HTTP `Range` requests. A file of at least `split_size` bytes is fetched as `streams_per_file` ranged
-segments at once, written in place; each segment resumes on its own. The whole file is then checked (the sha256
-or the other checks of `integrity.py`) before it becomes `blobs/<hash>` and the snapshot's link: a partial whose
-bytes are wrong is deleted and only that file is fetched again.
+there with HTTP `Range` requests. A file of at least `split_size` bytes is cut into ranged pieces of about that
+size (at least `streams_per_file` of them), fetched `streams_per_file` at once in file order and written in place;
+each piece resumes on its own. The whole file is then checked (the sha256 or the other checks of `integrity.py`)
+before it becomes `blobs/<hash>` and the snapshot's link: a partial whose bytes are wrong is deleted and only that
+file is fetched again. The sha256 is computed while the file arrives (`PieceDigest`: pieces in file order, read
+back as they complete), so a large file is not read a second time once its last byte is in.
 
 The transfers themselves are huggingface_hub's `http_get` (its session, proxies, redirects, error mapping and its
 own resume-on-drop within a call), handed a writer that keeps each segment in its place."""
@@ -21,7 +23,7 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +40,8 @@ WRITE_CHUNK = 1024 * 1024         # what http_get hands over at a time
 
 @dataclass(frozen=True)
 class Streams:
-    per_file: int = 4            # ranged segments of one large file fetched at once
-    split_size: int = 64 << 20   # files at least this large are split
+    per_file: int = 4            # ranged pieces of one large file fetched at once
+    split_size: int = 64 << 20   # files at least this large are split, into pieces of about this size
     total: threading.BoundedSemaphore | None = None   # connections of the whole attempt
 
 
@@ -121,6 +123,59 @@ class SegmentWriter:
         pass
 
 
+class PieceDigest:
+    """The sha256 of a partial, computed in a thread of its own in file order: each piece is read back (mostly from
+    the page cache) once its transfer has returned, so its bytes are final in this attempt, while later pieces still
+    download. Pieces already complete when the attempt starts (a resume) are read first."""
+
+    def __init__(self, fd: int, segments: list[list[int]]):
+        self.fd = fd
+        self.ends = [end for _, end, _ in segments]
+        self.ready = [done == end - start for start, end, done in segments]
+        self.next = 0
+        self.stopped = False
+        self.sha256 = hashlib.sha256()
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self.run, name="piece-digest", daemon=True)
+        self.thread.start()
+
+    def complete(self, index: int) -> None:
+        with self.condition:
+            self.ready[index] = True
+            self.condition.notify()
+
+    def run(self) -> None:
+        offset = 0
+        try:
+            while True:
+                with self.condition:
+                    self.condition.wait_for(lambda: self.stopped or self.next == len(self.ends)
+                                            or self.ready[self.next])
+                    if self.stopped or self.next == len(self.ends):
+                        return
+                    end = self.ends[self.next]
+                while offset < end:
+                    chunk = os.pread(self.fd, min(WRITE_CHUNK, end - offset), offset)
+                    if not chunk:
+                        raise OSError(f"the partial ends at {offset}, before {end}")
+                    self.sha256.update(chunk)
+                    offset += len(chunk)
+                self.next += 1
+        except OSError:
+            self.next = -1           # no digest: the whole file is read again by the check
+
+    def hexdigest(self) -> str | None:
+        """Once every piece is complete: the file's sha256 (None if it could not be read as it arrived)."""
+        self.thread.join()
+        return self.sha256.hexdigest() if self.next == len(self.ends) else None
+
+    def stop(self) -> None:
+        with self.condition:
+            self.stopped = True
+            self.condition.notify()
+        self.thread.join()
+
+
 class BlobTransfer:
     """Downloads one file of a plan into the cache and links it into the snapshot; returns the check that passed."""
 
@@ -143,8 +198,7 @@ class BlobTransfer:
         with file_lock(self.lock):
             check = self.existing_blob()
             if check is None:
-                self.fetch()
-                check = self.verified(self.partial)
+                check = self.verified(self.partial, self.fetch())
                 os.replace(self.partial, self.blob)
                 self.state.unlink(missing_ok=True)
             self.link_snapshot()
@@ -160,9 +214,9 @@ class BlobTransfer:
             self.blob.unlink(missing_ok=True)
             return None
 
-    def verified(self, path: Path) -> str:
+    def verified(self, path: Path, known_sha256: str | None = None) -> str:
         try:
-            return verify(path, self.f, self.name)
+            return verify(path, self.f, self.name, known_sha256)
         except IntegrityFailure as failure:
             path.unlink(missing_ok=True)
             self.state.unlink(missing_ok=True)
@@ -186,7 +240,7 @@ class BlobTransfer:
 
     def new_segments(self) -> list[list[int]]:
         size = self.f.size
-        count = self.streams.per_file if size >= self.streams.split_size else 1
+        count = max(self.streams.per_file, size // self.streams.split_size) if size >= self.streams.split_size else 1
         bounds = [size * i // count for i in range(count + 1)]
         return [[bounds[i], bounds[i + 1], 0] for i in range(count)]
 
@@ -196,41 +250,50 @@ class BlobTransfer:
             tmp.write_text(json.dumps({"size": self.f.size, "url_path": self.f.path, "segments": segments}))
             os.replace(tmp, self.state)
 
-    def fetch(self) -> None:
+    def fetch(self) -> str | None:
+        """Fetches what the partial lacks; returns its sha256 when computed on the way (None otherwise)."""
         if self.f.size is None:           # a hub that lists no size: one plain stream, nothing to resume against
             self.partial.unlink(missing_ok=True)
             self.stream_unsized()
-            return
+            return None
         segments = self.load_segments()
         fresh = segments is None
         if fresh:
             segments = self.new_segments()
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o664)
+        digest = None
         try:
             if fresh:
                 os.ftruncate(fd, 0)
-                os.ftruncate(fd, self.f.size)      # sparse: segments are written in place
+                os.ftruncate(fd, self.f.size)      # sparse: pieces are written in place
                 self.save_segments(segments)
-            pending = [s for s in segments if s[2] < s[1] - s[0]]
+            digest = PieceDigest(fd, segments)
+            pending = [i for i, (start, end, done) in enumerate(segments) if done < end - start]
+            # In file order, `per_file` at once; the first failure cancels the pieces not begun (those in flight
+            # finish: they write into `fd`, which stays open until they are done).
+            pool = ThreadPoolExecutor(max_workers=max(1, min(self.streams.per_file, len(pending))))
             try:
-                if len(pending) <= 1:
-                    for segment in pending:
-                        self.fetch_segment(fd, segment, segments)
-                else:
-                    with ThreadPoolExecutor(max_workers=min(self.streams.per_file, len(pending))) as pool:
-                        for future in [pool.submit(self.fetch_segment, fd, s, segments) for s in pending]:
-                            future.result()
+                for future in as_completed([pool.submit(self.fetch_segment, fd, i, segments, digest)
+                                            for i in pending]):
+                    future.result()
             except RangeIgnored:
+                pool.shutdown(cancel_futures=True)
                 # The hub ignores Range: start again as one stream of the whole file.
                 self.save_segments([[0, self.f.size, 0]])
                 raise PullError(Reason.NETWORK, f"{self.f.path}: the hub does not honour Range requests; "
                                                 "fetching it as one stream") from None
+            finally:
+                pool.shutdown(cancel_futures=True)
+            return digest.hexdigest()
         finally:
+            if digest is not None:
+                digest.stop()
             os.close(fd)
 
-    def fetch_segment(self, fd: int, segment: list[int], segments: list[list[int]]) -> None:
+    def fetch_segment(self, fd: int, index: int, segments: list[list[int]], digest: PieceDigest) -> None:
         from huggingface_hub.file_download import http_get
 
+        segment = segments[index]
         start, end, done = segment
         writer = SegmentWriter(fd, segment, lambda: self.save_segments(segments), self.counter)
         headers = dict(self.headers)
@@ -247,6 +310,7 @@ class BlobTransfer:
             if total is not None:
                 total.release()
             writer.sync()
+        digest.complete(index)
 
     def stream_unsized(self) -> None:
         from huggingface_hub.file_download import http_get
