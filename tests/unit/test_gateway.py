@@ -13,7 +13,6 @@ import json
 import time
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from modeldeploy.api import Autoscaling, ModelDeploymentSpec

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from modeldeploy.gateway.metrics import GatewayMetrics
 from modeldeploy.monitor.collectors import GPU_METRICS
 from modeldeploy.monitor.exporter import Monitor, MonitorOptions
 from modeldeploy.reconcile import metrics as operator_metrics  # noqa: F401  (registers the operator's metrics)
@@ -41,7 +42,8 @@ def exported(tmp_path_factory) -> set[str]:
     operator = {name for name in sample_names(REGISTRY) if name.startswith("modeldeploy_")}
     assert "model_inference_latency_seconds_bucket" in runtime and "model_server_up" in sidecar
     assert "modeldeploy_operator_reconciles_total" in operator
-    return runtime | sidecar | gpu | operator
+    gateway = sample_names(GatewayMetrics().registry)
+    return runtime | sidecar | gpu | operator | gateway
 
 
 def metric_names(expr: str) -> set[str]:
