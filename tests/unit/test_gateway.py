@@ -310,3 +310,35 @@ def test_holding_is_bounded_in_number_and_time():
             assert status == 503 and headers["Retry-After"] and "became ready within 0.3 s" in body["error"]["message"]
 
     with_gateway(scenario, Options(max_held=2, hold_timeout=0.3))
+
+
+def test_a_fresh_list_replaces_what_the_watch_knew():
+    from kubernetes import client
+
+    from modeldeploy.gateway.kube import ClusterView
+
+    def mdep(name):
+        return {"metadata": {"namespace": "ns", "name": name}, "spec": {"model": {"id": f"org/{name}"}},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+    def endpoints(name, *ips):
+        return {"metadata": {"namespace": "ns", "name": name, "labels": {"modeldeploy.io/model-deployment": name}},
+                "subsets": [{"addresses": [{"ip": ip} for ip in ips], "ports": [{"name": "http", "port": 8080}]}]}
+
+    async def scenario():
+        gateway = Gateway()
+        view = ClusterView(client.ApiClient(), gateway, ["ns"])
+        view.replace("models", "ns", [mdep("a"), mdep("b")])
+        assert not gateway.synced.is_set()                 # the endpoints are not listed yet
+        view.replace("endpoints", "ns", [endpoints("a", "10.0.0.1"), endpoints("b", "10.0.0.2")])
+        assert gateway.synced.is_set() and sorted(gateway.models) == [("ns", "a"), ("ns", "b")]
+        view.one("endpoints", "MODIFIED", endpoints("a", "10.0.0.1", "10.0.0.3"))
+        assert gateway.pools[("ns", "a")].addresses == ["10.0.0.1:8080", "10.0.0.3:8080"]
+        view.replace("models", "ns", [mdep("a")])           # b was deleted while the watch was down
+        view.replace("endpoints", "ns", [endpoints("a", "10.0.0.1")])
+        assert sorted(gateway.models) == [("ns", "a")] and gateway.pools[("ns", "b")].addresses == []
+        assert gateway.pools[("ns", "a")].addresses == ["10.0.0.1:8080"]
+        view.one("models", "DELETED", mdep("a"))
+        assert not gateway.models
+
+    asyncio.run(scenario())
