@@ -56,8 +56,11 @@ def cache(tmp_path_factory) -> dict:
 
 
 def serve(cache: dict, repo: str, task: str, *extra: str) -> ServeProcess:
+    """fp32 unless `extra` names a precision: what these tests compare against is fp32's, and `auto` on CPU
+    decides by timing (tests/unit/test_precision.py, test_serve.py's own auto test)."""
+    precision = () if "--quantization" in extra else ("--quantization", "none")
     return ServeProcess("--model", repo, "--revision", cache[repo], "--cache-dir", str(cache["dir"]), "--task", task,
-                        *extra)
+                        *precision, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The monitoring sidecar beside a real model server: one endpoint carrying the server's metrics (moving with
-traffic) and the sidecar's own (probe, cache, cgroup, GPU availability), read with Prometheus' text parser; and
-what it reports when the server goes away, and where there is no GPU."""
+traffic) and the sidecar's own (probe, cache, cgroup), read with Prometheus' text parser; and what it reports when
+the server goes away, and where there is no GPU."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def embed(url: str, texts: list[str]) -> None:
 def test_one_endpoint_with_the_servers_metrics_and_the_sidecars(cache, tmp_path):
     directory, commit = cache
     server = ServeProcess("--model", MINILM, "--revision", commit, "--cache-dir", str(directory),
-                          "--task", "feature-extraction").wait_ready()
+                          "--task", "feature-extraction", "--quantization", "none").wait_ready()
     port = free_port()
     monitor = subprocess.Popen([sys.executable, "-m", "modeldeploy", "monitor", "--target", server.url,
                                 "--port", str(port), "--host", "127.0.0.1", "--interval", "0.5",
@@ -72,8 +72,9 @@ def test_one_endpoint_with_the_servers_metrics_and_the_sidecars(cache, tmp_path)
         assert after["model_server_metrics_scrape_success"] == 1
         assert after["model_cache_used_bytes"] > 0 and after["model_cache_free_bytes"] > 0
         assert after["model_size_bytes"] >= 90_000_000           # the MiniLM snapshot on disk
-        assert after["model_gpu_available"] == 0                   # no GPU here: said, not faked
-        assert not any(name.startswith("model_gpu_utilization") for name in after)
+        # No GPU series: the sidecar requests no GPU, and a CPU server exports none (not zeros, not guesses).
+        assert not any(name.startswith("model_gpu_") for name in after)
+        assert after["model_precision_info{model_name=%s,reason=requested,requested=none,selected=none}" % MINILM] == 1
         assert after["process_resident_memory_bytes"] > 0          # the server process's footprint
         assert any(name.startswith("modeldeploy_monitor_memory_bytes") for name in after)
 

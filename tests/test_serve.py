@@ -148,6 +148,38 @@ def test_int8_dynamic_stays_close_to_fp32(cache, embedder):
         server.stop()
 
 
+def test_auto_on_cpu_says_what_it_measured_and_chose(cache, embedder):
+    """Which precision auto picks depends on this CPU at this moment (tests/unit/test_precision.py forces each
+    outcome); here: whatever it picked, the metadata, the metrics and the served embeddings say the same."""
+    server = serve(cache, MINILM, "feature-extraction", "--quantization", "auto").wait_ready()
+    try:
+        status, meta = get(f"{server.url}/v2/models/{MINILM}")
+        precision = json.loads(meta)["precision"]
+        assert status == 200 and precision["requested"] == "auto"
+        assert precision["selected"] in ("none", "int8-dynamic") and precision["seconds"] > 0
+        if precision["selected"] == "int8-dynamic":
+            assert precision["reason"] == "int8-faster-and-agrees"
+            assert precision["int8_speedup"] >= 1.1 and precision["agreement"] >= 0.99
+        else:
+            assert precision["reason"] in ("int8-slower", "int8-disagrees")
+        labels = {k: precision[k] for k in ("requested", "selected", "reason")}
+        assert metric(server, "model_precision_info", model_name=MINILM, **labels) == 1
+        assert metric(server, "model_precision_int8_speedup_ratio", model_name=MINILM) == \
+            pytest.approx(precision["int8_speedup"])
+        assert metric(server, "model_precision_decision_seconds", model_name=MINILM) == \
+            pytest.approx(precision["seconds"])
+        _, ours = post(f"{server.url}/v1/embeddings", {"input": TEXTS})
+        _, full = post(f"{embedder.url}/v1/embeddings", {"input": TEXTS})
+        a = np.array([d["embedding"] for d in ours["data"]])
+        b = np.array([d["embedding"] for d in full["data"]])
+        assert ((a * b).sum(1)).min() >= 0.99
+        assert np.allclose(a, b, atol=1e-5) == (precision["selected"] == "none")
+        assert metric(server, "model_inference_latency_seconds_count", model_name=MINILM,
+                      quantization=precision["selected"]) == 1         # the label is what runs
+    finally:
+        server.stop()
+
+
 def test_text_classification(cache):
     server = serve(cache, TINY_CLASSIFIER, "text-classification").wait_ready()
     try:

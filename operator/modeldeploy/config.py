@@ -35,6 +35,10 @@ class Profile(Settings):
     engines: list[str] = ["builtin", "custom"]
 
 
+# vLLM's release of 2026-10 (CUDA 13, NVIDIA driver 580 or newer); for CUDA 12 drivers its `-cu129` tag.
+VLLM_IMAGE = "vllm/vllm-openai:v0.31.0"
+
+
 def builtin_profiles(registry: str, tag: str) -> dict[str, Profile]:
     return {
         "nvidia": Profile(
@@ -42,9 +46,11 @@ def builtin_profiles(registry: str, tag: str) -> dict[str, Profile]:
             accelerator_resource="nvidia.com/gpu",
             tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             shm_size="1Gi", engines=["builtin", "vllm", "custom"],
-            images={"builtin": f"{registry}/modeldeploy-runtime-cuda:{tag}", "vllm": "vllm/vllm-openai:v0.6.6"}),
+            images={"builtin": f"{registry}/modeldeploy-runtime-cuda:{tag}", "vllm": VLLM_IMAGE}),
         "loongson": Profile(
-            device="cpu", default_quantization="int8-dynamic", node_selector={"kubernetes.io/arch": "loong64"},
+            # auto: the server measures int8 against fp32 at start-up (loong64 torch has no fast int8 kernel yet)
+            device="cpu", default_quantization="auto", allowed_quantizations=["auto", "none", "bf16", "int8-dynamic"],
+            node_selector={"kubernetes.io/arch": "loong64"},
             engines=["builtin", "llamacpp", "custom"],
             images={"builtin": f"{registry}/modeldeploy-runtime-loong64:{tag}",
                     "llamacpp": f"{registry}/llama.cpp-server-loong64:latest"}),

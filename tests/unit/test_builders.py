@@ -72,7 +72,7 @@ def test_loongson_profile():
     spec = pod(body(accelerator={"profile": "loongson"}, task="text-classification", nodeSelector={"zone": "a"}))
     server = spec["containers"][0]
     assert spec["nodeSelector"] == {"kubernetes.io/arch": "loong64", "zone": "a"}
-    assert server["args"][server["args"].index("--quantization") + 1] == "int8-dynamic"
+    assert server["args"][server["args"].index("--quantization") + 1] == "auto"    # measured by the server
     assert "runtime-loong64" in server["image"]
     assert "nvidia.com/gpu" not in str(server["resources"])
 
@@ -140,6 +140,21 @@ def test_engines():
     custom = pod(body(runtime={"engine": "custom", "image": "me/server:1", "port": 9000, "args": ["--x"]}))
     assert custom["containers"][0]["ports"][0]["containerPort"] == 9000
     assert custom["containers"][0]["readinessProbe"]["tcpSocket"] == {"port": "http"}
+
+
+@pytest.mark.parametrize("count,tensor_parallel", [(1, None), (2, "2"), (8, "8")])
+def test_vllm_shards_the_model_over_the_gpus_it_is_given(count, tensor_parallel):
+    spec = pod(body(accelerator={"profile": "nvidia", "count": count}, task="text-generation",
+                    runtime={"engine": "vllm", "args": ["--max-model-len", "4096"]}))
+    server = spec["containers"][0]
+    args = server["args"]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == count
+    assert (args[args.index("--tensor-parallel-size") + 1] if "--tensor-parallel-size" in args else None) \
+        == tensor_parallel
+    assert args[-2:] == ["--max-model-len", "4096"]              # the user's own arguments come last
+    assert args[args.index("--dtype") + 1] == "float16"           # the nvidia profile's default, fp16
+    assert server["image"] == "vllm/vllm-openai:v0.31.0"          # the release of 2026-10, not v0.6.6 (2024)
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in server["volumeMounts"]   # NCCL between the shards
 
 
 @pytest.mark.parametrize("spec,message", [

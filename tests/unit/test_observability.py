@@ -5,7 +5,10 @@ the monitoring sidecar or the operator really exports (read off their registries
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
+import types
 
 import promql_parser
 import pytest
@@ -13,9 +16,9 @@ import yaml
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from modeldeploy.gateway.metrics import GatewayMetrics
-from modeldeploy.monitor.collectors import GPU_METRICS
 from modeldeploy.monitor.exporter import Monitor, MonitorOptions
 from modeldeploy.reconcile import metrics as operator_metrics  # noqa: F401  (registers the operator's metrics)
+from modeldeploy.serve.gpu import GPU_METRICS, NvmlCollector
 from modeldeploy.serve.metrics import RuntimeMetrics
 from tests.helpers import REPO
 
@@ -38,7 +41,8 @@ def exported(tmp_path_factory) -> set[str]:
     (cache / "weights").write_bytes(b"x" * 10)
     sidecar = sample_names(Monitor(MonitorOptions(target="http://127.0.0.1:9", cache_dir=cache,
                                                   snapshot=cache)).registry)
-    gpu = {name for name, _ in GPU_METRICS.values()}
+    gpu = {name for name, _ in GPU_METRICS.values()}     # the builtin runtime's, where NVML sees GPUs
+    assert not any(name.startswith("model_gpu_") for name in sidecar)
     operator = {name for name in sample_names(REGISTRY) if name.startswith("modeldeploy_")}
     assert "model_inference_latency_seconds_bucket" in runtime and "model_server_up" in sidecar
     assert "modeldeploy_operator_reconciles_total" in operator
@@ -113,3 +117,64 @@ def test_every_referenced_metric_is_exported(exported):
 def test_the_walker_finds_names_in_nested_expressions():
     expr = "histogram_quantile(0.9, sum by (le) (rate(a_bucket[5m]))) / (b + on() group_left c) > bool -d"
     assert metric_names(expr) == {"a_bucket", "b", "c", "d"}
+
+
+def test_without_nvml_the_runtime_exports_no_gpu_series_and_says_why(caplog):
+    """This machine has no NVIDIA driver: NVML's library is missing, as in a pod given no GPU."""
+    registry = CollectorRegistry()
+    with caplog.at_level(logging.WARNING, logger="modeldeploy.serve.gpu"):
+        registry.register(NvmlCollector("m"))
+    assert "no GPU metrics: NVML is not usable in this container" in caplog.text
+    assert not [family for family in registry.collect() if family.name.startswith("model_gpu_")]
+
+
+class FakeNvml:
+    """NVML's API for two GPUs, the second without a power reading: for the exported shape only (no GPU here)."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetUUID(self, handle):
+        return f"GPU-{handle}".encode() if handle else f"GPU-{handle}"     # older bindings return bytes
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=79 * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return types.SimpleNamespace(gpu=42)
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 61
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        if handle == 1:
+            raise self.NVMLError("Not Supported")
+        return 250_000
+
+
+def test_gpu_series_carry_the_labels_the_alert_groups_by(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    registry = CollectorRegistry()
+    registry.register(NvmlCollector("org/m"))
+    samples = {(s.name, s.labels["gpu"]): s for family in registry.collect() for s in family.samples}
+    assert samples[("model_gpu_memory_used_bytes", "1")].labels == {"model_name": "org/m", "gpu": "1",
+                                                                     "uuid": "GPU-1"}
+    assert samples[("model_gpu_utilization_ratio", "0")].value == 0.42
+    assert samples[("model_gpu_power_watts", "0")].value == 250
+    assert ("model_gpu_power_watts", "1") not in samples              # not supported there: left out, not 0
+    rule = next(r for r in alert_rules() if r["alert"] == "ModelGPUMemoryNearlyFull")
+    grouped = set(re.search(r"max by \(([^)]*)\)", rule["expr"]).group(1).replace(" ", "").split(","))
+    assert grouped - {"namespace", "pod"} <= set(samples[("model_gpu_memory_used_bytes", "0")].labels)
+    assert samples[("model_gpu_memory_used_bytes", "0")].value / \
+        samples[("model_gpu_memory_total_bytes", "0")].value > 0.95                  # this one would fire

@@ -18,7 +18,7 @@ from modeldeploy.serve.errors import BadInput, QueueFull, TooLarge
 
 
 def test_quantization_choices_and_refusals():
-    assert device.resolve_quantization("auto", "cpu") == "none"
+    assert device.resolve_quantization("auto", "cpu") == "auto"        # measured at load (precision.py)
     assert device.resolve_quantization("auto", "cuda") == "fp16"
     assert device.resolve_quantization("int8-dynamic", "cpu") == "int8-dynamic"
     with pytest.raises(device.StartupError, match="fp16 needs a CUDA device"):

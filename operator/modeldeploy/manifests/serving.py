@@ -50,6 +50,8 @@ def engine_container(spec: ModelDeploymentSpec, profile: Profile, config: Operat
         dtype = {"fp16": "float16", "bf16": "bfloat16", "none": "float32"}.get(spec.quantization_for(config), "auto")
         command, port, ready, live = None, 8000, "/health", "/health"
         args = ["--model", snapshot, "--served-model-name", spec.model.id, "--port", "8000", "--dtype", dtype]
+        if spec.accelerator.count > 1:      # the GPUs the container is given: one shard of the model on each
+            args += ["--tensor-parallel-size", str(spec.accelerator.count)]
         if spec.runtime.trust_remote_code:
             args.append("--trust-remote-code")
     elif engine == "llamacpp":

@@ -1,15 +1,13 @@
-"""What the sidecar measures itself: the cache volume, the GPUs (NVML, when there are any) and its container's
-cgroup. Each collector reads at scrape time and reports nothing it cannot measure - no fake numbers."""
+"""What the sidecar measures itself: the cache volume and its container's cgroup. Each collector reads at scrape
+time and reports nothing it cannot measure - no fake numbers. No GPUs: the sidecar requests none, so NVML in it
+sees none; the builtin runtime exports them (serve/gpu.py), dcgm-exporter does for other engines."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-log = logging.getLogger(__name__)
 
 
 class CacheCollector:
@@ -68,48 +66,3 @@ class CgroupCollector:
             family = CounterMetricFamily("modeldeploy_monitor_cpu_seconds", "The sidecar container's CPU time")
             family.add_metric([], cpu_ns / 1e9)
             yield family
-
-
-# Per GPU, labelled gpu (index) and uuid; present only where NVML sees a GPU.
-GPU_METRICS = {
-    "util": ("model_gpu_utilization_ratio", "GPU busy fraction"),
-    "used": ("model_gpu_memory_used_bytes", "GPU memory used"),
-    "total": ("model_gpu_memory_total_bytes", "GPU memory"),
-    "temp": ("model_gpu_temperature_celsius", "GPU temperature"),
-    "power": ("model_gpu_power_watts", "GPU power draw"),
-}
-
-
-class GpuCollector:
-    """NVML metrics with the DCGM exporter's meaning, per GPU. Without NVML (no driver, no GPU, not NVIDIA) it
-    yields only `model_gpu_available 0`."""
-
-    def __init__(self):
-        self.nvml = None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.nvml = pynvml
-        except Exception as error:   # no library, no driver or no device: all mean "no GPU here"
-            log.info("no NVML: %s", error)
-
-    def collect(self):
-        available = GaugeMetricFamily("model_gpu_available", "1 when NVML sees GPUs in this pod")
-        available.add_metric([], 1 if self.nvml else 0)
-        yield available
-        if not self.nvml:
-            return
-        nv = self.nvml
-        families = {key: GaugeMetricFamily(name, help_text, labels=["gpu", "uuid"])
-                    for key, (name, help_text) in GPU_METRICS.items()}
-        for index in range(nv.nvmlDeviceGetCount()):
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-            labels = [str(index), nv.nvmlDeviceGetUUID(handle)]
-            memory = nv.nvmlDeviceGetMemoryInfo(handle)
-            families["util"].add_metric(labels, nv.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
-            families["used"].add_metric(labels, memory.used)
-            families["total"].add_metric(labels, memory.total)
-            families["temp"].add_metric(labels, nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
-            families["power"].add_metric(labels, nv.nvmlDeviceGetPowerUsage(handle) / 1000)
-        yield from families.values()

@@ -1,6 +1,6 @@
 """The sidecar's endpoint: the model server's own metrics, scraped over localhost at each scrape and passed on
 unchanged, followed by the sidecar's: a black-box probe of the server (up, probe latency, consecutive failures),
-the cache volume, GPUs and the sidecar's own footprint. One scrape target per pod, whatever runs beside it."""
+the cache volume and the sidecar's own footprint. One scrape target per pod, whatever runs beside it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from modeldeploy.monitor.collectors import CacheCollector, CgroupCollector, GpuCollector
+from modeldeploy.monitor.collectors import CacheCollector, CgroupCollector
 
 log = logging.getLogger("modeldeploy.monitor")
 
@@ -45,7 +45,6 @@ class Monitor:
         if options.cache_dir is not None:
             r.register(CacheCollector(options.cache_dir, options.snapshot))
         r.register(CgroupCollector())
-        r.register(GpuCollector())
         self.session: aiohttp.ClientSession | None = None
 
     async def probe_once(self) -> None:

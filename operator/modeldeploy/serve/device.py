@@ -26,12 +26,11 @@ def choose_device(requested: str) -> str:
 
 
 def resolve_quantization(quantization: str, device: str) -> str:
-    """auto: fp16 on CUDA; on CPU full precision ('none'): int8-dynamic is faster (bench/serve_bench.py) but
-    changes results slightly, so it is asked for explicitly (the loongson profile does)."""
+    """auto: fp16 on CUDA; on CPU it stays auto, decided at load by measuring int8 against fp32 (precision.py)."""
     import torch
 
     if quantization == "auto":
-        return "fp16" if device == "cuda" else "none"
+        return "fp16" if device == "cuda" else "auto"
     if quantization == "fp16" and device != "cuda":
         raise StartupError("fp16 needs a CUDA device; on CPU use none, bf16 or int8-dynamic")
     if quantization == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():

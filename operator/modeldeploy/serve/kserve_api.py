@@ -3,6 +3,8 @@ BYTES tensors of texts; outputs are FP32 tensors (embeddings, class probabilitie
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
 from modeldeploy.serve.engine import ClassificationEngine, EmbeddingEngine, Engine, GenerationEngine
@@ -54,10 +56,13 @@ class KServeRoutes:
 
     async def metadata(self, request: web.Request) -> web.Response:
         self.check_name(request)
+        precision = self.engine.loaded.precision
         return web.json_response({"name": self.engine.name, "versions": [self.engine.version],
                                   "platform": "pytorch-transformers",
                                   "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-                                  "outputs": self.outputs()})
+                                  "outputs": self.outputs(),
+                                  # an extension: which precision runs and why (auto is measured at start-up)
+                                  "precision": dataclasses.asdict(precision) if precision else None})
 
     async def infer(self, request: web.Request) -> web.Response:
         self.check_name(request)

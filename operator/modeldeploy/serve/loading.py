@@ -13,6 +13,7 @@ from typing import Any
 
 from modeldeploy import cache_layout
 from modeldeploy.serve.device import StartupError
+from modeldeploy.serve.precision import PrecisionChoice
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,11 @@ class LoadOptions:
     cache_dir: Path
     task: str
     device: str
-    quantization: str               # resolved: none | fp16 | bf16 | int8-dynamic
+    quantization: str               # none | fp16 | bf16 | int8-dynamic, or auto (CPU: measured at load)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     require_complete: bool = True
+    requested: str | None = None    # --quantization as given, where auto was resolved before loading (CUDA)
 
 
 @dataclass
@@ -40,13 +42,14 @@ class LoadedModel:
     tokenizer: Any
     task: str
     device: str
-    quantization: str
+    quantization: str               # what runs (auto decided)
     commit: str
     max_length: int
     pooling: str = "mean"           # feature-extraction: mean | cls | max | lasttoken
     normalize: bool = False
     labels: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    precision: PrecisionChoice | None = None
 
 
 def find_snapshot(cache_dir: Path, model_id: str, revision: str, require_complete: bool) -> tuple[Path, str]:
@@ -118,14 +121,23 @@ def load(options: LoadOptions) -> LoadedModel:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
+    if options.quantization == "auto":
+        from modeldeploy.serve.precision import choose_cpu_precision   # imports torch: only where it is used
+
+        precision = choose_cpu_precision(model, tokenizer)
+    elif options.requested == "auto":
+        precision = PrecisionChoice("auto", options.quantization, "cuda-default")
+    else:
+        precision = PrecisionChoice(options.quantization, options.quantization, "requested")
     if options.quantization == "int8-dynamic":
-        from modeldeploy.serve.quantize import quantize_int8_dynamic   # imports torch: only where it is used
+        from modeldeploy.serve.quantize import quantize_int8_dynamic
 
         log.info("int8-dynamic: linear layers quantized as %s", quantize_int8_dynamic(model, tokenizer))
+    log.info("%s", precision.describe())
     model.to(options.device)
 
     loaded = LoadedModel(model=model, tokenizer=tokenizer, task=options.task, device=options.device,
-                         quantization=options.quantization, commit=commit, max_length=512)
+                         quantization=precision.selected, commit=commit, max_length=512, precision=precision)
     config_limit = getattr(model.config, "max_position_embeddings", None) or 512
     tokenizer_limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else config_limit
     loaded.max_length = min(config_limit, tokenizer_limit)
@@ -136,5 +148,5 @@ def load(options: LoadOptions) -> LoadedModel:
         loaded.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     loaded.load_seconds = time.monotonic() - started
     log.info("loaded %s@%s for %s on %s (%s) in %.1fs", options.model_id, commit[:12], options.task,
-             options.device, options.quantization, loaded.load_seconds)
+             options.device, loaded.quantization, loaded.load_seconds)
     return loaded

@@ -3,7 +3,9 @@ follow vLLM/TGI practice (queue depth, batch size, time in queue, tokens) under 
 
 from __future__ import annotations
 
-from prometheus_client import PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from modeldeploy.serve.precision import PrecisionChoice
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -38,6 +40,28 @@ class RuntimeMetrics:
         self.load_seconds = Gauge("model_load_seconds", "Time to load and warm up the model", ["model_name"],
                                   registry=r)
         self.ready = Gauge("model_ready", "1 once the model is loaded and warmed up", ["model_name"], registry=r)
+        self.precision = Info("model_precision", "The precision that runs (selected), what was asked for "
+                              "(requested) and why (reason; auto on CPU is measured at start-up)", ["model_name"],
+                              registry=r)
+        self.int8_speedup = Gauge("model_precision_int8_speedup_ratio", "fp32 time over int8 time of the model's "
+                                  "linear layers, measured at start-up by precision auto", ["model_name"], registry=r)
+        self.int8_agreement = Gauge("model_precision_int8_cosine", "Mean cosine of the int8 model's output to "
+                                    "fp32's on held-out texts, measured at start-up by precision auto",
+                                    ["model_name"], registry=r)
+        self.precision_seconds = Gauge("model_precision_decision_seconds", "Start-up time spent deciding "
+                                       "precision auto (timing, calibration, agreement check)", ["model_name"],
+                                       registry=r)
+
+    def record_precision(self, choice: PrecisionChoice) -> None:
+        self.quantization = choice.selected      # the latency histogram's label from now on
+        self.precision.labels(self.model_name).info({"requested": choice.requested, "selected": choice.selected,
+                                                     "reason": choice.reason})
+        if choice.requested == "auto":
+            self.precision_seconds.labels(self.model_name).set(choice.seconds)
+        if choice.int8_speedup is not None:
+            self.int8_speedup.labels(self.model_name).set(choice.int8_speedup)
+        if choice.agreement is not None:
+            self.int8_agreement.labels(self.model_name).set(choice.agreement)
 
     def observe_latency(self, seconds: float) -> None:
         self.latency.labels(self.model_name, self.quantization).observe(seconds)

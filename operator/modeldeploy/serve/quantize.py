@@ -150,18 +150,38 @@ def _relative_error(approximation: torch.Tensor, reference: torch.Tensor) -> flo
                  .clamp(min=1e-12))
 
 
-def quantize_int8_dynamic(model: torch.nn.Module, tokenizer) -> dict[str, int]:
-    """Replaces the body's Linear layers in place (calibrating them on CALIBRATION_TEXTS where fbgemm is used);
-    returns how many layers got each treatment."""
+Target = tuple[torch.nn.Module, str, torch.nn.Linear]     # (parent, attribute name, the Linear layer)
+
+
+def linear_targets(model: torch.nn.Module) -> list[Target]:
+    """The body's Linear layers, which int8-dynamic replaces (heads excepted)."""
     targets = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, torch.nn.Linear) and not any(k in full.split(".") for k in KEEP_FULL_PRECISION):
                 targets.append((module, child_name, child))
+    return targets
+
+
+def restore(targets: list[Target]) -> None:
+    """Puts the original fp32 layers back (targets as linear_targets listed them before quantizing)."""
+    for module, child_name, child in targets:
+        setattr(module, child_name, child)
+
+
+def int8_kernel_layer(linear: torch.nn.Linear) -> torch.nn.Module:
+    """The int8 layer this torch build would run for `linear`, without calibration: for timing its kernel."""
+    return TokenSplitInt8Linear(linear) if fbgemm_available() else PerTokenInt8Linear(linear)
+
+
+def quantize_int8_dynamic(model: torch.nn.Module, tokenizer) -> dict[str, int]:
+    """Replaces the body's Linear layers in place (calibrating them on CALIBRATION_TEXTS where fbgemm is used);
+    returns how many layers got each treatment."""
+    targets = linear_targets(model)
     if not fbgemm_available():
         if not int_mm_is_fast():
-            # Loongson's profile asks for int8-dynamic by default; the pod's log is where its cost must show.
+            # Only an explicit int8-dynamic comes here on such a CPU (auto measures the kernel first): say its cost.
             log.warning("int8-dynamic: this torch build has no fbgemm and this CPU no AVX512-VNNI, so int8 matrix "
                         "products run torch's reference loop (35-55x slower than fp32 per layer on an AVX2 CPU); "
                         "--quantization none is likely faster here")
