@@ -5,6 +5,7 @@ the server goes away, and where there is no GPU."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -88,5 +89,26 @@ def test_one_endpoint_with_the_servers_metrics_and_the_sidecars(cache, tmp_path)
             assert response.status == 200                         # its own liveness holds with the server gone
     finally:
         server.stop()
+        monitor.terminate()
+        monitor.wait(10)
+
+
+def test_tcp_probe_for_a_server_without_a_health_path():
+    """The custom engine's sidecar (--probe-tcp): up while the port accepts connections, whatever HTTP says."""
+    listener = socket.create_server(("127.0.0.1", 0))     # accepts, never answers HTTP
+    target = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    port = free_port()
+    monitor = subprocess.Popen([sys.executable, "-m", "modeldeploy", "monitor", "--target", target, "--probe-tcp",
+                                "--port", str(port), "--host", "127.0.0.1", "--interval", "0.3"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: scrape(url).get("model_server_up") == 1, 30, "the TCP probe to see the port open")
+        assert scrape(url)["model_server_probe_consecutive_failures"] == 0
+        listener.close()
+        wait_for(lambda: (s := scrape(url)).get("model_server_up") == 0
+                 and s["model_server_probe_consecutive_failures"] >= 2, 30, "the TCP probe to see the port closed")
+    finally:
+        listener.close()
         monitor.terminate()
         monitor.wait(10)

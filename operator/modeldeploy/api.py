@@ -177,8 +177,6 @@ class ModelDeploymentSpec(Spec):
         elif not self.runtime.image and self.runtime.engine not in profile.images:
             found.append(f"the {self.accelerator.profile} profile has no image for engine {self.runtime.engine}; "
                          "set runtime.image")
-        if self.runtime.engine == "llamacpp" and not gguf_file(self.model.files):
-            found.append("the llamacpp engine needs model.files to name one .gguf file")
         if self.runtime.engine == "builtin":
             for flag, field in (("--trust-remote-code", "runtime.trustRemoteCode"),
                                 ("--allow-pickle", "model.allowPickle")):
@@ -207,11 +205,6 @@ def name_problems(name: str) -> list[str]:
         return [f"metadata.name {name!r} cannot name the Service and labels it becomes: at most {NAME_MAX} "
                 "characters, lower-case letters, digits and '-', starting with a letter and not ending with '-'"]
     return []
-
-
-def gguf_file(patterns: list[str] | None) -> str | None:
-    """The GGUF file a llama.cpp server loads: the first literal (no wildcard) *.gguf name in the patterns."""
-    return next((p for p in patterns or [] if p.endswith(".gguf") and not any(c in p for c in "*?[")), None)
 
 
 class SpecError(ValueError):

@@ -33,6 +33,9 @@ class Profile(Settings):
     shm_size: str | None = None                     # a memory-backed /dev/shm
     images: dict[str, str] = Field(default_factory=dict)   # engine -> image
     engines: list[str] = ["builtin", "custom"]
+    # The image of `modeldeploy pull` and `monitor` on this profile's nodes where the operator image's name is not
+    # one multi-arch name (a registry without manifest lists, arch tags): pull Jobs then run on these nodes too.
+    operator_image: str | None = None
 
 
 # vLLM's release of 2026-10 (CUDA 13, NVIDIA driver 580 or newer); for CUDA 12 drivers its `-cu129` tag.
@@ -144,6 +147,9 @@ class OperatorConfig(Settings):
     def model_post_init(self, _context) -> None:
         if not self.operator_image:
             self.operator_image = f"{self.registry}/modeldeploy:{VERSION_TAG}"
+
+    def operator_image_for(self, profile: str) -> str:
+        return self.profiles[profile].operator_image or self.operator_image
 
 
 def load_config(path: Path | None) -> OperatorConfig:

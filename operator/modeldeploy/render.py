@@ -17,6 +17,7 @@ from modeldeploy.manifests.monitoring import build_pod_monitor
 from modeldeploy.manifests.pull_job import build_pull_job
 from modeldeploy.manifests.serving import build_deployment, build_service
 from modeldeploy.config import OperatorConfig, load_config
+from modeldeploy.pull.selection import served_gguf
 
 
 class PlainDumper(yaml.SafeDumper):
@@ -45,8 +46,10 @@ def render(body: dict, config: OperatorConfig, commit: str | None = None, pod_mo
     key = weights_key(spec, config)
     # Before the pull, the commit is unknown unless the revision is one; the operator fills in the resolved one.
     pinned = commit or spec.model.revision
+    # So is the GGUF file llama.cpp loads (the pull chooses it), unless spec.model.files names one.
+    gguf = served_gguf(p for p in spec.model.files or [] if not any(c in p for c in "*?[")) or "<pulled>.gguf"
     objects = [build_cache_pvc(spec, config), build_pull_job(spec, config, key),
-               build_deployment(name, spec, config, pinned), build_service(name, spec)]
+               build_deployment(name, spec, config, pinned, gguf=gguf), build_service(name, spec)]
     if pod_monitor and spec.monitoring.enabled:
         objects.append(build_pod_monitor(name))
     namespace = body.get("metadata", {}).get("namespace")

@@ -2,7 +2,7 @@
 pull Job, security defaults, and that the Python spec model and the CRD schema agree on every default.
 
 Bad inputs tried: an unknown profile, fp16 on loongson, int8 on nvidia, an engine a profile does not offer,
-llamacpp without a GGUF file, a custom engine without image/port, a malformed model id, an unknown field."""
+a custom engine without image/port, a malformed model id, an unknown field."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from modeldeploy.api import ModelDeploymentSpec
-from modeldeploy.manifests.common import pull_job_name, weights_key
+from modeldeploy.manifests.common import CACHE_MOUNT, pull_job_name, weights_key
+from modeldeploy.manifests.serving import build_deployment
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile.events import build_event
 from modeldeploy.render import RenderError, render
@@ -142,6 +143,56 @@ def test_engines():
     assert custom["containers"][0]["readinessProbe"]["tcpSocket"] == {"port": "http"}
 
 
+def test_llamacpp_serves_the_pulled_gguf_with_metrics_and_its_pull_takes_gguf():
+    spec = ModelDeploymentSpec.model_validate({"model": {"id": "org/m-GGUF"}, "task": "text-generation",
+                                               "accelerator": {"profile": "loongson"},
+                                               "runtime": {"engine": "llamacpp"}})
+    deployment = build_deployment("m", spec, CONFIG, "c" * 40, gguf="sub/m-Q4_K_M-00001-of-00002.gguf")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("-m") + 1] == f"{CACHE_MOUNT}/models--org--m-GGUF/snapshots/{'c' * 40}/" \
+        "sub/m-Q4_K_M-00001-of-00002.gguf"
+    assert "--metrics" in args and args[args.index("--alias") + 1] == "org/m-GGUF"
+    with pytest.raises(ValueError, match="pulled .gguf"):
+        build_deployment("m", spec, CONFIG, "c" * 40)
+    def pull_args(md: dict) -> list[str]:
+        return objects(md)["Job"]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    llama_pull = pull_args(body(**spec.model_dump(by_alias=True)))
+    assert "--gguf" in llama_pull and "--" not in llama_pull      # no files given: the pull chooses the quantisation
+    builtin = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"engine": "builtin"})})
+    assert weights_key(spec, CONFIG) != weights_key(builtin, CONFIG)   # other files from the same repository
+    assert "--gguf" not in pull_args(body(model={"id": "org/m-GGUF"}))
+
+
+@pytest.mark.parametrize("runtime,probe", [
+    ({}, ["--probe-path", "/v2/health/ready"]),
+    ({"engine": "llamacpp"}, ["--probe-path", "/health"]),
+    ({"engine": "custom", "image": "me/server:1", "port": 9000}, ["--probe-tcp"]),
+])
+def test_the_sidecar_probes_what_the_engine_serves(runtime, probe):
+    spec = ModelDeploymentSpec.model_validate({"model": {"id": "org/m"}, "runtime": runtime})
+    monitor = build_deployment("m", spec, CONFIG, "c" * 40, gguf="m.gguf")["spec"]["template"]["spec"]["containers"][1]
+    assert monitor["name"] == "monitor" and monitor["args"][-len(probe):] == probe
+    assert ("--probe-path" in monitor["args"]) != ("--probe-tcp" in monitor["args"])
+
+
+def test_a_profile_with_its_own_operator_image_runs_pulls_and_sidecars_on_its_nodes():
+    loong = OperatorConfig(operator_image="registry.example/md/modeldeploy:1",
+                           profiles={"loongson": {"operatorImage": "registry.example/md/modeldeploy:1-loong64"}})
+    md = body(model={"id": "org/m-gguf"}, task="text-generation", accelerator={"profile": "loongson"},
+              runtime={"engine": "llamacpp"})
+    made = {o["kind"]: o for o in render(md, loong)}
+    job_pod = made["Job"]["spec"]["template"]["spec"]
+    assert job_pod["containers"][0]["image"] == "registry.example/md/modeldeploy:1-loong64"
+    assert job_pod["nodeSelector"] == {"kubernetes.io/os": "linux", "kubernetes.io/arch": "loong64"}
+    serving = made["Deployment"]["spec"]["template"]["spec"]
+    assert serving["containers"][1]["image"] == "registry.example/md/modeldeploy:1-loong64"
+    assert serving["containers"][0]["args"][1].endswith("/<pulled>.gguf")      # known once pulled
+    cpu = {o["kind"]: o for o in render(body(), loong)}     # a profile without one: the operator image, anywhere
+    assert cpu["Job"]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/md/modeldeploy:1"
+    assert cpu["Job"]["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+
+
 @pytest.mark.parametrize("count,tensor_parallel", [(1, None), (2, "2"), (8, "8")])
 def test_vllm_shards_the_model_over_the_gpus_it_is_given(count, tensor_parallel):
     spec = pod(body(accelerator={"profile": "nvidia", "count": count}, task="text-generation",
@@ -162,7 +213,6 @@ def test_vllm_shards_the_model_over_the_gpus_it_is_given(count, tensor_parallel)
     ({"accelerator": {"profile": "loongson"}, "quantization": "fp16"}, "fp16 is not supported on the loongson"),
     ({"accelerator": {"profile": "nvidia"}, "quantization": "int8-dynamic"}, "not supported on the nvidia"),
     ({"runtime": {"engine": "vllm"}}, "not offered on the cpu"),
-    ({"runtime": {"engine": "llamacpp"}}, "one .gguf file"),
     ({"runtime": {"engine": "custom"}}, "needs runtime.image and runtime.port"),
     ({"model": {"id": "not-a-repo"}}, "spec.model.id"),
     ({"replicas": 1, "replica": 2}, "spec.replica"),

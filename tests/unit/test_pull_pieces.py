@@ -13,7 +13,7 @@ from modeldeploy import cache_layout
 from modeldeploy.pull import names
 from modeldeploy.pull.errors import EXIT_NO_SPACE, EXIT_PERMANENT, EXIT_TRANSIENT, PullError, Reason, exit_code
 from modeldeploy.pull.integrity import Expected, IntegrityFailure, lfs_pointer_sha1, verify
-from modeldeploy.pull.selection import check_safe, select
+from modeldeploy.pull.selection import check_safe, gguf_quantization, select, served_gguf
 
 REPO = ["config.json", "model.safetensors", "pytorch_model.bin", "original/consolidated.pth", "onnx/model.onnx",
         "tokenizer.json", "model-q4.gguf", "README.md"]
@@ -32,6 +32,42 @@ def test_pickles_are_taken_when_allowed_or_when_there_is_nothing_else():
 
 def test_patterns_and_excludes():
     assert select(REPO, ["*.gguf", "*.json"], ["tokenizer*"], allow_pickle=False) == ["config.json", "model-q4.gguf"]
+
+
+GGUF_REPO = ["README.md", "config.json", "model.safetensors", "tiny-F16.gguf", "tiny-Q8_0.gguf", "tiny-q4_k_m.gguf",
+             "mmproj-tiny-f16.gguf", "split/tiny-Q6_K-00002-of-00002.gguf", "split/tiny-Q6_K-00001-of-00002.gguf"]
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf", "Q4_K_M"), ("model-q8_0.gguf", "Q8_0"), ("Llama-3-IQ4_XS.gguf", "IQ4_XS"),
+    ("x-BF16-00001-of-00002.gguf", "BF16"), ("qwen2.5-0.5b-instruct-q4_0.gguf", "Q4_0"), ("model.gguf", ""),
+    ("gpt-oss-20b-MXFP4.gguf", "MXFP4"), ("Q4_K_M/m-Q4_K_M-00001-of-00002.gguf", "Q4_K_M")])
+def test_gguf_quantization_from_the_file_name(name, kind):
+    assert gguf_quantization(name) == kind
+
+
+def test_gguf_selection_takes_one_quantisation_by_the_default_order_and_only_gguf():
+    assert select(GGUF_REPO, None, [], allow_pickle=False, gguf=True) == ["mmproj-tiny-f16.gguf", "tiny-q4_k_m.gguf"]
+    without_q4 = [p for p in GGUF_REPO if "q4" not in p]
+    assert select(without_q4, None, [], allow_pickle=False, gguf=True) == [
+        "mmproj-tiny-f16.gguf", "split/tiny-Q6_K-00001-of-00002.gguf", "split/tiny-Q6_K-00002-of-00002.gguf"]
+    assert served_gguf(select(without_q4, None, [], False, gguf=True)) == "split/tiny-Q6_K-00001-of-00002.gguf"
+    assert select(["a.gguf", "b.gguf", "c.json"], None, [], False, gguf=True) == ["a.gguf", "b.gguf"]
+
+
+def test_gguf_quantisation_chosen_by_pattern_and_excludes():
+    assert select(GGUF_REPO, ["*Q8_0*"], [], allow_pickle=False, gguf=True) == ["tiny-Q8_0.gguf"]
+    assert select(GGUF_REPO, ["*.gguf"], ["mmproj-*", "*q4_k_m*"], False, gguf=True) == [
+        "split/tiny-Q6_K-00001-of-00002.gguf", "split/tiny-Q6_K-00002-of-00002.gguf"]
+    assert select(GGUF_REPO, ["*F16*"], [], False, gguf=True) == ["tiny-F16.gguf"]    # patterns match case
+
+
+def test_no_gguf_for_llamacpp_is_a_permanent_error():
+    for patterns in (None, ["*.safetensors"]):
+        with pytest.raises(PullError) as error:
+            select(["config.json", "model.safetensors"], patterns, [], allow_pickle=False, gguf=True)
+        assert error.value.reason is Reason.NO_FILES and "no .gguf file" in error.value.message
+    assert served_gguf(["config.json", "mmproj-x-f16.gguf"]) is None
 
 
 def test_nothing_selected_is_a_permanent_error_listing_what_exists():

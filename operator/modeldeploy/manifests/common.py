@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -31,6 +32,8 @@ def weights_key(spec: ModelDeploymentSpec, config: OperatorConfig) -> str:
                 "revision": spec.model.revision, "files": sorted(spec.model.files or []),
                 "pickle": spec.model.allow_pickle, "token": f"{ref.name}/{ref.key}" if ref else "",
                 "proxy": proxy_secret(spec, config) or ""}
+    if spec.runtime.engine == "llamacpp":     # selects other files (GGUF) than the same spec for other engines
+        identity["gguf"] = True
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -65,14 +68,22 @@ def proxy_secret(spec: ModelDeploymentSpec, config: OperatorConfig) -> str | Non
 
 
 def operator_job_pod(config: OperatorConfig, name: str, args: list[str], resources: dict, mounts: list[dict],
-                     volumes: list[dict], env: list[dict] | None = None) -> dict:
+                     volumes: list[dict], env: list[dict] | None = None, profile: str | None = None) -> dict:
     """The pod of a Job that runs `modeldeploy <args>` in the operator image: no service-account token, restricted,
-    reporting through its log and termination message."""
-    container = {"name": name, "image": config.operator_image, "imagePullPolicy": config.image_pull_policy,
+    reporting through its log and termination message. A `profile` with an operator image of its own places it on
+    that profile's nodes, which that image is built for."""
+    placement = config.profiles.get(profile or "")
+    placement = placement if placement and placement.operator_image else None
+    container = {"name": name, "image": placement.operator_image if placement else config.operator_image,
+                 "imagePullPolicy": config.image_pull_policy,
                  "command": ["modeldeploy"], "args": args, "resources": resources,
                  "securityContext": restricted_container_security(), "volumeMounts": mounts}
     if env:
         container["env"] = env
-    return {"restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
-            "securityContext": restricted_pod_security(), "nodeSelector": {"kubernetes.io/os": "linux"},
-            "containers": [container], "volumes": volumes}
+    pod = {"restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
+           "securityContext": restricted_pod_security(), "nodeSelector": {"kubernetes.io/os": "linux"},
+           "containers": [container], "volumes": volumes}
+    if placement:
+        pod["nodeSelector"].update(placement.node_selector)
+        pod["tolerations"] = copy.deepcopy(placement.tolerations)
+    return pod

@@ -21,6 +21,8 @@ def build_pull_job(spec: ModelDeploymentSpec, config: OperatorConfig, key: str, 
             "--deadline", str(max(60, spec.download.deadline_seconds - 30)), "--progress-interval", "5"]
     if spec.model.allow_pickle:
         args.append("--allow-pickle")
+    if spec.runtime.engine == "llamacpp":
+        args.append("--gguf")
     for endpoint in endpoints.pull_endpoints(spec, config):
         args += ["--endpoint", endpoint]
     if spec.model.files:   # after "--": whatever a pattern says, it is never an option
@@ -49,7 +51,7 @@ def build_pull_job(spec: ModelDeploymentSpec, config: OperatorConfig, key: str, 
                     config, "pull", args, config.pull.resources,
                     [{"name": "cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}],
                     [{"name": "cache", "persistentVolumeClaim": {"claimName": spec.cache.claim_name}},
-                     {"name": "tmp", "emptyDir": {}}], env),
+                     {"name": "tmp", "emptyDir": {}}], env, spec.accelerator.profile),
             },
         },
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 
-from modeldeploy.api import ModelDeploymentSpec, gguf_file
+from modeldeploy.api import ModelDeploymentSpec
 from modeldeploy.cache_layout import snapshot_dir
 from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_COMPONENT, LABEL_MDEP, mdep_labels,
                                           restricted_container_security, restricted_pod_security)
@@ -29,8 +29,10 @@ def merge_resources(*layers: dict) -> dict:
     return merged
 
 
-def engine_container(spec: ModelDeploymentSpec, profile: Profile, config: OperatorConfig, commit: str) -> dict:
-    """The server container of each engine: image, command, port and health paths."""
+def engine_container(spec: ModelDeploymentSpec, profile: Profile, config: OperatorConfig, commit: str,
+                     gguf: str | None = None) -> dict:
+    """The server container of each engine: image, command, port and health paths. `gguf`: the pulled file
+    llama.cpp loads (pull.selection.served_gguf)."""
     snapshot = str(snapshot_dir(CACHE_MOUNT, spec.model.id, commit))
     engine = spec.runtime.engine
     image = spec.runtime.image or profile.images.get(engine)
@@ -55,9 +57,11 @@ def engine_container(spec: ModelDeploymentSpec, profile: Profile, config: Operat
         if spec.runtime.trust_remote_code:
             args.append("--trust-remote-code")
     elif engine == "llamacpp":
+        if not gguf:
+            raise ValueError("the llamacpp engine needs the pulled .gguf file to serve")
         command, port, ready, live = None, 8080, "/health", "/health"
-        args = ["-m", f"{snapshot}/{gguf_file(spec.model.files)}", "--host", "0.0.0.0", "--port", "8080",
-                "--alias", spec.model.id]
+        args = ["-m", f"{snapshot}/{gguf}", "--host", "0.0.0.0", "--port", "8080", "--alias", spec.model.id,
+                "--metrics"]
     else:   # custom
         command, port, ready, live = None, spec.runtime.port, None, None
         args = []
@@ -88,12 +92,13 @@ def engine_container(spec: ModelDeploymentSpec, profile: Profile, config: Operat
 
 def monitor_container(config: OperatorConfig, spec: ModelDeploymentSpec, server_port: int, probe_path: str | None,
                       commit: str) -> dict:
+    """`probe_path`: the server's readiness path; None: a TCP connection is the probe (the custom engine)."""
     args = ["monitor", "--target", f"http://127.0.0.1:{server_port}", "--port", str(METRICS_PORT),
             "--cache-dir", CACHE_MOUNT, "--model", spec.model.id, "--revision", commit]
-    if probe_path:
-        args += ["--probe-path", probe_path]
+    args += ["--probe-path", probe_path] if probe_path else ["--probe-tcp"]
     return {
-        "name": "monitor", "image": config.operator_image, "imagePullPolicy": config.image_pull_policy,
+        "name": "monitor", "image": config.operator_image_for(spec.accelerator.profile),
+        "imagePullPolicy": config.image_pull_policy,
         "command": ["modeldeploy"],
         "args": args,
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
@@ -105,10 +110,11 @@ def monitor_container(config: OperatorConfig, spec: ModelDeploymentSpec, server_
 
 
 def build_deployment(name: str, spec: ModelDeploymentSpec, config: OperatorConfig, commit: str,
-                     replicas: int | None = None) -> dict:
-    """`replicas`: the count to run (ModelDeploymentSpec.wanted_replicas), else spec.replicas."""
+                     replicas: int | None = None, gguf: str | None = None) -> dict:
+    """`replicas`: the count to run (ModelDeploymentSpec.wanted_replicas), else spec.replicas. `gguf`: for
+    llama.cpp, the pulled file it loads."""
     profile = config.profiles[spec.accelerator.profile]
-    server = engine_container(spec, profile, config, commit)
+    server = engine_container(spec, profile, config, commit, gguf)
     containers = [server]
     annotations = {ANNOTATION_MODEL: f"{spec.model.source}:{spec.model.id}@{commit}"}
     if spec.monitoring.enabled:

@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +23,7 @@ log = logging.getLogger("modeldeploy.monitor")
 @dataclass
 class MonitorOptions:
     target: str                      # the server, e.g. http://127.0.0.1:8080
-    probe_path: str = "/v2/health/ready"
+    probe_path: str | None = "/v2/health/ready"   # None: a TCP connection is the probe (no health path)
     metrics_path: str = "/metrics"
     interval: float = 10.0
     timeout: float = 3.0
@@ -50,15 +51,26 @@ class Monitor:
     async def probe_once(self) -> None:
         started = time.monotonic()
         try:
-            async with self.session.get(self.o.target + self.o.probe_path) as response:
-                await response.read()
-                ok = 200 <= response.status < 300
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            if self.o.probe_path is None:
+                ok = await self.connects()
+            else:
+                async with self.session.get(self.o.target + self.o.probe_path) as response:
+                    await response.read()
+                    ok = 200 <= response.status < 300
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             ok = False
         self.probe.observe(time.monotonic() - started)
         self.up.set(1 if ok else 0)
         self.probes.labels("success" if ok else "failure").inc()
         self.failures.set(0 if ok else self.failures._value.get() + 1)
+
+    async def connects(self) -> bool:
+        target = urlsplit(self.o.target)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(target.hostname, target.port or 80),
+                                           self.o.timeout)
+        writer.close()
+        await writer.wait_closed()
+        return True
 
     async def probe_forever(self) -> None:
         while True:

@@ -66,6 +66,8 @@ def register(subparsers) -> None:
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", type=argument_type(names.pattern))
     p.add_argument("--allow-pickle", action="store_true",
                    help="also pull pickle weights (*.bin, *.pt) when safetensors exist")
+    p.add_argument("--gguf", action="store_true",
+                   help="for llama.cpp: only .gguf files, of one quantisation (the patterns' or a default order's)")
     p.add_argument("--checksum", action="append", type=checksum, default=[], metavar="PATH=SHA256",
                    help="a sha256 to check PATH against (for hubs that publish no hashes)")
     p.add_argument("--endpoint", action="append", default=[], metavar="URL",
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     options = PullOptions(
         source=source, repo_id=args.model, revision=args.revision, cache_dir=args.cache_dir,
         endpoints=args.endpoint, patterns=args.patterns or None, excludes=args.exclude, allow_pickle=args.allow_pickle,
-        checksums=dict(args.checksum), timeout=args.timeout, retries=max(0, args.retries),
+        gguf=args.gguf, checksums=dict(args.checksum), timeout=args.timeout, retries=max(0, args.retries),
         retry_wait=args.retry_wait, workers=args.workers, stall_timeout=args.stall_timeout,
         stall_bytes=args.stall_bytes, deadline=args.deadline, progress_interval=args.progress_interval,
         streams_per_file=args.streams_per_file, streams=args.streams, split_size=args.split_size, token=token)

@@ -47,6 +47,7 @@ class PullOptions:
     patterns: list[str] | None = None
     excludes: list[str] = field(default_factory=list)
     allow_pickle: bool = False
+    gguf: bool = False          # for llama.cpp: the .gguf files of one quantisation only
     checksums: dict[str, str] = field(default_factory=dict)
     timeout: float = 30.0
     retries: int = 5
@@ -67,7 +68,8 @@ class PullOptions:
 
     def selection_spec(self) -> list[str]:
         """What decides the file set, for the completion marker's key."""
-        return [f"files={self.patterns}", f"exclude={sorted(self.excludes)}", f"pickle={self.allow_pickle}"]
+        spec = [f"files={self.patterns}", f"exclude={sorted(self.excludes)}", f"pickle={self.allow_pickle}"]
+        return spec + ["gguf"] if self.gguf else spec
 
 
 class Puller:
@@ -160,7 +162,7 @@ class Puller:
 
         found = self.supervised("listing the repository", listing, lambda: seen[0])
         entries = {e.path: e for e in found if isinstance(e, RepoFile)}
-        chosen = select(list(entries), self.o.patterns, self.o.excludes, self.o.allow_pickle)
+        chosen = select(list(entries), self.o.patterns, self.o.excludes, self.o.allow_pickle, self.o.gguf)
         unknown = set(self.o.checksums) - set(chosen)
         if unknown:
             raise PullError(Reason.NO_FILES, f"checksums given for files that are not pulled: {sorted(unknown)}")

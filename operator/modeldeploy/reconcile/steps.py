@@ -22,6 +22,7 @@ from modeldeploy.manifests.monitoring import POD_MONITOR_API, build_pod_monitor
 from modeldeploy.manifests.pull_job import build_pull_job
 from modeldeploy.manifests.serving import build_deployment, build_service, server_selector
 from modeldeploy.config import OperatorConfig
+from modeldeploy.pull.selection import served_gguf
 from modeldeploy.pull.sizing import claim_size
 from modeldeploy.reconcile import events, garbage
 from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_absent, last_progress, pods_of,
@@ -40,9 +41,9 @@ def observe(body, apis: Apis, config: OperatorConfig, o: Observation,
     users = cache_users(body["metadata"]["namespace"], spec.cache.claim_name) if spec and cache_users else []
     if spec is None or not cache_step(body, spec, apis, config, o, users or [spec]):
         return
-    commit = weights_step(body, spec, apis, config, o)
-    if commit is not None:
-        serving_step(body, spec, apis, config, o, commit)
+    pulled = weights_step(body, spec, apis, config, o)
+    if pulled is not None:
+        serving_step(body, spec, apis, config, o, *pulled)
 
 
 def valid_spec(body, config: OperatorConfig, o: Observation) -> ModelDeploymentSpec | None:
@@ -201,8 +202,10 @@ def latest_event(apis: Apis, namespace: str, kind: str, name: str) -> str | None
 
 
 # -- 2. the weights ---------------------------------------------------------------------------------------------------
-def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, o: Observation) -> str | None:
-    """The pull Job of this resource's weights key: created when absent, read when there. The commit once pulled.
+def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig,
+                 o: Observation) -> tuple[str, str | None] | None:
+    """The pull Job of this resource's weights key: created when absent, read when there. Once pulled: the commit
+    and the .gguf file llama.cpp would load (None: none pulled).
     The operator never reads the token Secret: the pull pod gets it through secretKeyRef, and a missing one shows as
     the pod's CreateContainerConfigError, which the pull state names."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -259,7 +262,7 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
     o.fields["download"].update(bytes=state.result.get("bytes"), totalBytes=state.result.get("bytes"),
                                 files=state.result.get("files"), bytesPerSecond=None, etaSeconds=None)  # None: removed
     o.weights = (True, "Pulled", state.message)
-    return commit
+    return commit, served_gguf(state.result.get("file_endpoints") or {})
 
 
 def prune_running(apis: Apis, namespace: str, spec: ModelDeploymentSpec) -> str | None:
@@ -301,10 +304,10 @@ def cache_too_small(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Api
 
 # -- 3. serving -------------------------------------------------------------------------------------------------------
 def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, o: Observation,
-                 commit: str) -> None:
+                 commit: str, gguf: str | None = None) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     wanted = spec.wanted_replicas(body.get("status"))
-    deployment, service = build_deployment(name, spec, config, commit, wanted), build_service(name, spec)
+    deployment, service = build_deployment(name, spec, config, commit, wanted, gguf), build_service(name, spec)
     children = [deployment, service]
     if spec.monitoring.enabled and config.monitoring.pod_monitors == "auto" and pod_monitors_exist(
             apis, config.monitoring.discovery_interval_seconds):
