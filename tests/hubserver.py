@@ -27,6 +27,7 @@ from aiohttp import web
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".h5", ".msgpack", ".ckpt", ".model")
 LFS_MIN_SIZE = 10 * 1024 * 1024
+PACING_SLACK = 0.01     # seconds a rate-limited connection or link may fall behind its schedule and catch up
 
 
 @dataclasses.dataclass
@@ -167,9 +168,23 @@ class HubServer:
                     return fault
         return None
 
-    async def _throttle(self, n: int) -> None:
-        if self.bandwidth:   # all handlers run on one event loop: no lock needed
-            await _throttle_impl(self, n)
+    async def _pace(self, n: int, connection_free_at: float) -> float:
+        """Waits until this connection (at `per_connection`) and then the link (at `bandwidth`, shared) may carry
+        `n` more bytes; returns when the connection may send again. The two waits overlap, as on a real path: a
+        connection capped at C on a link of B > C sends at C, not at 1/(1/B + 1/C). Times follow the schedule, not
+        the moment a sleep ended, so the time spent writing a chunk and the sleeps' own lateness do not add up (up
+        to PACING_SLACK behind the schedule is caught up, a burst of at most that long). All handlers run on one
+        event loop: no lock needed."""
+        behind = time.monotonic() - PACING_SLACK
+        ready = max(connection_free_at, behind)
+        if ready > time.monotonic():
+            await asyncio.sleep(ready - time.monotonic())
+        start = ready
+        if self.bandwidth:
+            start = max(ready, self._link_free_at)
+            self._link_free_at = start + n / self.bandwidth
+            await asyncio.sleep(self._link_free_at - time.monotonic())
+        return start + n / self.per_connection if self.per_connection else 0.0
 
     def _peek_fault(self, path: str, kind: str) -> Fault | None:
         with self._lock:
@@ -355,7 +370,7 @@ class HubServer:
         if fault and fault.kind == "drop":
             cut = min(fault.after_bytes, len(body))
         offset = 0
-        connection_free_at = time.monotonic()
+        connection_free_at = 0.0
         while offset < cut:
             if self.drop_every and self.total_bytes_sent >= self._next_drop:
                 self._next_drop = self.total_bytes_sent + self.drop_every
@@ -369,10 +384,7 @@ class HubServer:
                 piece = body[offset:min(offset + chunk, cut)]
                 if fault and fault.kind == "slow":
                     await asyncio.sleep(fault.delay)
-            await self._throttle(len(piece))
-            if self.per_connection:
-                connection_free_at = max(connection_free_at, time.monotonic()) + len(piece) / self.per_connection
-                await asyncio.sleep(max(0.0, connection_free_at - time.monotonic()))
+            connection_free_at = await self._pace(len(piece), connection_free_at)
             try:
                 await response.write(piece)
             except ConnectionResetError:     # the client went away (a killed puller, a cut stream)
@@ -383,13 +395,6 @@ class HubServer:
         if fault and fault.kind == "drop":
             # Cut the connection with fewer bytes than Content-Length announced.
             request.transport.close()
-
-
-async def _throttle_impl(server: "HubServer", n: int) -> None:
-    now = time.monotonic()
-    start = max(now, server._link_free_at)
-    server._link_free_at = start + n / server.bandwidth
-    await asyncio.sleep(server._link_free_at - now)
 
 
 def main() -> None:
