@@ -4,7 +4,7 @@ the autoscaler's recommendations. The operator's half (spec.autoscaling -> repli
 
 Bad inputs tried: a body that is no JSON, a JSON array, no `model`, a number as `model`, an unknown model, a name in
 two namespaces, a body over the size limit, more held requests than the queue takes, a hold that times out, a
-replica that refuses connections, maxReplicas below minReplicas."""
+replica that refuses connections, a stream its server cuts, maxReplicas below minReplicas."""
 
 from __future__ import annotations
 
@@ -152,6 +152,9 @@ class Backend:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         while (chunk := await self.chunks.get()) is not None:
+            if chunk == "cut":                  # the pod dies mid-stream
+                request.transport.close()
+                return response
             await response.write(f"data: {chunk}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         return response
@@ -240,7 +243,7 @@ def test_requests_go_to_the_replica_with_the_fewest_in_flight():
     with_gateway(scenario)
 
 
-def test_a_stream_is_passed_on_chunk_by_chunk():
+def test_a_stream_is_passed_on_chunk_by_chunk_and_a_cut_one_ends_with_the_error():
     async def scenario(gateway, url, client):
         backend = Backend("s")
         gateway.set_model(Model("ns", "gen", "org/gen", ready=True))
@@ -255,6 +258,14 @@ def test_a_stream_is_passed_on_chunk_by_chunk():
                 assert await response.content.readline() == b"\n"
             await backend.chunks.put(None)
             assert await response.content.read() == b"data: [DONE]\n\n"
+        async with client.post(url + "/v1/chat/completions",
+                               json={"model": "gen", "stream": True, "messages": []}) as response:
+            await backend.chunks.put(json.dumps({"n": 0}))
+            assert await asyncio.wait_for(response.content.readline(), 5) == b'data: {"n": 0}\n'
+            await backend.chunks.put("cut")
+            rest = (await asyncio.wait_for(response.content.read(), 5)).decode()
+            error = json.loads(rest.strip().removeprefix("data: "))["error"]
+            assert error["type"] == "bad_gateway" and "mid-stream" in error["message"]
 
     with_gateway(scenario)
 

@@ -20,7 +20,7 @@ from modeldeploy.gateway.autoscaler import Decision, Recommender
 from modeldeploy.gateway.metrics import GatewayMetrics
 from modeldeploy.gateway.routing import Key, Model, Pool, public_names, resolve
 from modeldeploy.reconcile.status import now as timestamp
-from modeldeploy.serve.app import error_response, from_aiohttp
+from modeldeploy.serve.app import error_body, error_response, from_aiohttp
 from modeldeploy.serve.errors import BadInput, ModelNotFound, NotReady, QueueFull, ServeError, TimedOut
 from modeldeploy.serve.requests import Limits, OpenAIRequest
 
@@ -243,13 +243,7 @@ class Gateway:
                     headers = {k: upstream.headers[k] for k in PASSED_BACK if k in upstream.headers}
                     if upstream.content_type != "text/event-stream":
                         return web.Response(status=upstream.status, body=await upstream.read(), headers=headers)
-                    response = web.StreamResponse(status=upstream.status, headers={**headers,
-                                                                                   "Cache-Control": "no-cache"})
-                    await response.prepare(request)
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
-                    await response.write_eof()
-                    return response
+                    return await self.relay_stream(request, upstream, headers)
             except aiohttp.ClientConnectorError:
                 log.warning("%s: connection refused, trying another replica", address)
             except asyncio.TimeoutError:
@@ -261,6 +255,25 @@ class Gateway:
                 if not pool.in_flight[address]:
                     del pool.in_flight[address]
         raise Unreachable("no replica of this model accepted the connection")
+
+    async def relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                           headers: dict) -> web.StreamResponse:
+        """Server-sent events passed on as each chunk arrives. Once the headers are out, a server that fails ends
+        the stream with the error as its last event (as the servers themselves do); a client that goes away closes
+        the server's connection, which cancels its generation."""
+        response = web.StreamResponse(status=upstream.status, headers={**headers, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                failed = Unreachable(f"the model server failed mid-stream: {type(error).__name__}")
+                await response.write(f"data: {json.dumps(error_body(request, failed))}\n\n".encode())
+            await response.write_eof()
+        except ConnectionResetError:
+            pass
+        return response
 
     # -- autoscaling -------------------------------------------------------------------------------------------------
     async def autoscale_forever(self) -> None:
