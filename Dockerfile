@@ -9,6 +9,12 @@
 #   runtime-loong64  the runtime for Loongson (loong64) on a LoongArch base, torch from Loongson's index, e.g.
 #                    --platform linux/loong64 --build-arg LOONG64_BASE_IMAGE=lcr.loongnix.cn/library/python:3.11
 #                    --build-arg PIP_ARGS="--index-url https://pypi.loongnix.cn/loongson/pypi"
+#   operator-debian  the operator on Debian's own python3 packages plus pure-Python wheels: for architectures PyPI
+#                    has few binary wheels for. Loongson: --platform linux/loong64 (DEBIAN_IMAGE: Debian sid, the
+#                    suite with the loong64 port).
+#   llama.cpp-debian llama.cpp's server from Debian's `llama.cpp` package, e.g. for loong64 the same way.
+#   (hack/build-images.sh builds both debian targets for loong64 here, offline, on Debian sid loong64 roots that
+#   already carry the packages below: APT_INSTALL=0.)
 #
 # The build context holds `wheels/` with at least modeldeploy's own wheel (`pip wheel --no-deps .`); with the
 # default PIP_ARGS (--no-index) it must hold every dependency too. Wheels are bind-mounted, never copied into a
@@ -22,6 +28,10 @@ ARG CUDA_BASE_IMAGE=docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04
 ARG LOONG64_BASE_IMAGE=lcr.loongnix.cn/library/python:3.11
 ARG PIP_ARGS=--no-index
 ARG TORCH_SPEC=torch==2.13.0
+ARG DEBIAN_IMAGE=docker.io/library/debian:sid
+ARG DEBIAN_OPERATOR_PACKAGES="ca-certificates python3 python3-pip python3-pydantic python3-kubernetes python3-yaml python3-aiohttp python3-prometheus-client python3-huggingface-hub python3-filelock python3-click python3-iso8601 python3-pythonjsonlogger python3-jsonpatch python3-typing-extensions"
+ARG DEBIAN_LLAMACPP_PACKAGES="llama.cpp"
+ARG APT_INSTALL=1
 
 FROM ${BASE_IMAGE} AS operator
 ARG PIP_ARGS
@@ -99,3 +109,29 @@ ENV PATH=/opt/modeldeploy/bin:$PATH PYTHONDONTWRITEBYTECODE=1 HOME=/tmp USER=mod
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["modeldeploy"]
+
+FROM ${DEBIAN_IMAGE} AS operator-debian
+ARG APT_INSTALL
+ARG DEBIAN_OPERATOR_PACKAGES
+RUN if [ "$APT_INSTALL" = 1 ]; then apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${DEBIAN_OPERATOR_PACKAGES} \
+ && rm -rf /var/lib/apt/lists/*; fi
+# What Debian does not package, as pure-Python wheels; everything else comes from Debian, hence --no-deps.
+ARG SOURCE_DIGEST=
+RUN --mount=type=bind,source=wheels,target=/wheels \
+    python3 -m pip install --no-cache-dir --disable-pip-version-check --break-system-packages --no-deps \
+      --no-index --find-links /wheels kopf modeldeploy
+ENV PYTHONDONTWRITEBYTECODE=1 HOME=/tmp USER=modeldeploy
+USER 65532:65532
+ENTRYPOINT ["modeldeploy"]
+
+FROM ${DEBIAN_IMAGE} AS llama.cpp-debian
+ARG APT_INSTALL
+ARG DEBIAN_LLAMACPP_PACKAGES
+RUN if [ "$APT_INSTALL" = 1 ]; then apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${DEBIAN_LLAMACPP_PACKAGES} \
+ && rm -rf /var/lib/apt/lists/*; fi
+ENV HOME=/tmp
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["llama-server"]

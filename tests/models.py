@@ -1,5 +1,6 @@
-"""Real models for tests, with no internet: the packaged all-MiniLM-L6-v2 weights, and tiny random-weight models
-built from `transformers` configs (classification, generation) that reuse its tokenizer. Caches are filled by the
+"""Real models for tests, with no internet: the packaged all-MiniLM-L6-v2 weights, tiny random-weight models
+built from `transformers` configs (classification, generation) that reuse its tokenizer, and a tiny random-weight
+llama in GGUF (written with the `gguf` package) for llama.cpp. Caches are filled by the
 real puller from the local hub server, as the operator's pull Job fills them."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TINY_CLASSIFIER = "tiny/bert-sentiment"
 TINY_GENERATOR = "tiny/gpt2-chat"
+TINY_GGUF = "tiny/llama-GGUF"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -66,3 +68,58 @@ def pull_into(cache: Path, hub_url: str, repo_id: str, *extra: str) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"pull of {repo_id} failed: {result}")
     return result
+
+
+def build_gguf_llama(target: Path, dtype: str = "F16", seed: int = 0) -> Path:
+    """A 2-layer llama (64 wide) with random weights and a byte-level SentencePiece-style vocabulary, in GGUF:
+    what llama.cpp loads and generates from. `dtype`: F32 or F16 (the file's quantisation, in its name)."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    width, layers, heads, ffn = 64, 2, 4, 128
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581" + w for w in (
+        "hello", "world", "the", "a", "model", "is", "running", "on", "loong")]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + \
+        [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (len(tokens) - 259)
+    path = target / f"tiny-llama-{dtype}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(width)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_rope_dimension_count(width // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "F16" else gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    matrix = np.float16 if dtype == "F16" else np.float32
+
+    def tensor(name: str, *shape: int, norm: bool = False) -> None:   # numpy shapes: (out, in), as in torch
+        data = np.ones(shape, np.float32) if norm else rng.normal(0, 0.02, shape).astype(np.float32)
+        writer.add_tensor(name, data if norm else data.astype(matrix))
+
+    tensor("token_embd.weight", len(tokens), width)
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_norm.weight", width, norm=True)
+        for part in ("q", "k", "v", "output"):
+            tensor(f"blk.{i}.attn_{part}.weight", width, width)
+        tensor(f"blk.{i}.ffn_norm.weight", width, norm=True)
+        tensor(f"blk.{i}.ffn_gate.weight", ffn, width)
+        tensor(f"blk.{i}.ffn_up.weight", ffn, width)
+        tensor(f"blk.{i}.ffn_down.weight", width, ffn)
+    tensor("output_norm.weight", width, norm=True)
+    tensor("output.weight", len(tokens), width)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
