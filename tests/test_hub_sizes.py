@@ -17,7 +17,7 @@ from modeldeploy.reconcile import hub_sizes
 from modeldeploy.reconcile.hub_sizes import LISTING_SECONDS, PENDING, UNREACHABLE_SECONDS, HubSizes
 from tests.helpers import BlackHole, free_port, wait_for
 from tests.hubserver import HubServer, Repo
-from tests.models import MINILM, minilm_dir
+from tests.models import MINILM, TINY_GGUF, build_gguf_llama, minilm_dir
 
 
 def answer(sizes: HubSizes, *query, timeout: float = 30):
@@ -153,3 +153,22 @@ def test_a_cache_is_sized_only_from_the_endpoints_the_admin_allows():
     finally:
         allowed.stop()
         other.stop()
+
+
+def test_llamacpp_sizes_count_the_one_gguf_quantisation_it_pulls(tmp_path):
+    for dtype in ("F32", "F16"):
+        build_gguf_llama(tmp_path, dtype)
+    readme = tmp_path / "README.md"
+    readme.write_text("tiny\n")
+    hub = HubServer()
+    hub.add_repo(Repo.from_folder(TINY_GGUF, tmp_path))
+    hub.start()
+    try:
+        sizes = HubSizes()
+        f16 = (tmp_path / "tiny-llama-F16.gguf").stat().st_size
+        assert answer(sizes, hub.url, TINY_GGUF, "main", None, False, True) == f16    # not F32, not the README
+        assert answer(sizes, hub.url, TINY_GGUF, "main", None, False) == readme.stat().st_size   # others: README
+        f32 = (tmp_path / "tiny-llama-F32.gguf").stat().st_size
+        assert answer(sizes, hub.url, TINY_GGUF, "main", ["*F32*"], False, True) == f32   # chosen by pattern
+    finally:
+        hub.stop()

@@ -46,6 +46,7 @@ class Query:
     revision: str
     files: tuple[str, ...] | None
     allow_pickle: bool
+    gguf: bool = False          # llama.cpp's selection: one quantisation of the .gguf files
 
 
 Lister = Callable[[aiohttp.ClientSession, Query], Awaitable[int | None]]
@@ -84,7 +85,7 @@ async def list_selected_bytes(session: aiohttp.ClientSession, query: Query) -> i
         if not link:
             try:
                 return sum(sizes[p] for p in select(sorted(sizes), list(query.files) if query.files else None,
-                                                    [], query.allow_pickle))
+                                                    [], query.allow_pickle, query.gguf))
             except Exception as error:      # nothing selected, an unsafe name: the pull says what is wrong
                 return refused(query, str(error))
         url = urljoin(url, str(link["url"]))
@@ -113,11 +114,11 @@ class HubSizes:
         self.slots: asyncio.Semaphore | None = None
 
     def selected_bytes(self, endpoint: str, repo_id: str, revision: str, files: list[str] | None,
-                       allow_pickle: bool) -> int | None | Pending:
+                       allow_pickle: bool, gguf: bool = False) -> int | None | Pending:
         """Bytes of the selected files if known; None if the hub will not tell (or cannot be reached); PENDING
         while a first lookup runs (it ends within the timeout). An answer past its time is still given while it is
         asked again, so a resource that was sized stays sized (no flapping)."""
-        query = Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle)
+        query = Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle, gguf)
         now = self.clock()
         with self.lock:
             unreachable = now - self.unreachable.get(endpoint, -UNREACHABLE_SECONDS) < UNREACHABLE_SECONDS

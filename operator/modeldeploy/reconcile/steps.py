@@ -177,7 +177,7 @@ def hub_listed_bytes(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Ap
     pull pod, which holds the token, checks space itself)."""
     model = spec.model
     return apis.hub_sizes.selected_bytes(endpoints.pull_endpoints(spec, config)[0], model.id, model.revision,
-                                         model.files, model.allow_pickle)
+                                         model.files, model.allow_pickle, spec.runtime.engine == "llamacpp")
 
 
 def estimated_cache_size(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Apis):
