@@ -14,8 +14,12 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 log() { echo "loong64-emulator: $*" >&2; }
 unusable() { log "binfmt_misc cannot be used here: $*"; exit 3; }
 
-if [ -r "$BINFMT/qemu-loongarch64" ] && grep -qx enabled "$BINFMT/qemu-loongarch64"; then
-  exit 0
+ENTRY=$BINFMT/qemu-loongarch64
+if [ -r "$ENTRY" ]; then
+  grep -qx enabled "$ENTRY" && grep -qx "interpreter $QEMU" "$ENTRY" && exit 0
+  # e.g. bookworm's qemu-user-static: its 7.2 dies on these binaries
+  log "replacing the registered $(sed -n 's/^interpreter //p' "$ENTRY")"
+  echo -1 > "$ENTRY" || unusable "cannot remove the registered $ENTRY"
 fi
 
 if [ ! -x "$QEMU" ]; then
