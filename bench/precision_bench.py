@@ -20,8 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.hubserver import HubServer, Repo  # noqa: E402
-from tests.models import MINILM, minilm_dir, pull_into  # noqa: E402
+from tests.models import MINILM, pull_minilm  # noqa: E402
 
 
 def main() -> None:
@@ -37,13 +36,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cache = Path(tempfile.mkdtemp(prefix="precision-bench-"))
-    hub = HubServer()
-    hub.add_repo(Repo.from_folder(MINILM, minilm_dir()))
-    hub.start()
-    try:
-        commit = pull_into(cache, hub.url, MINILM)["commit"]
-    finally:
-        hub.stop()
+    commit = pull_minilm(cache)
 
     def loaded(quantization: str):
         return load(LoadOptions(model_id=MINILM, revision=commit, cache_dir=cache, task="feature-extraction",

@@ -70,6 +70,19 @@ def pull_into(cache: Path, hub_url: str, repo_id: str, *extra: str) -> dict:
     return result
 
 
+def pull_minilm(cache: Path) -> str:
+    """all-MiniLM-L6-v2 pulled into `cache` from a local hub server, as a pull Job fills it; returns the commit."""
+    from tests.hubserver import HubServer, Repo
+
+    hub = HubServer()
+    hub.add_repo(Repo.from_folder(MINILM, minilm_dir()))
+    hub.start()
+    try:
+        return pull_into(cache, hub.url, MINILM)["commit"]
+    finally:
+        hub.stop()
+
+
 def build_gguf_llama(target: Path, dtype: str = "F16", seed: int = 0) -> Path:
     """A 2-layer llama (64 wide) with random weights and a byte-level SentencePiece-style vocabulary, in GGUF:
     what llama.cpp loads and generates from. `dtype`: F32 or F16 (the file's quantisation, in its name)."""

@@ -14,21 +14,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import ServeProcess, free_port, wait_for
-from tests.hubserver import HubServer, Repo
-from tests.models import MINILM, minilm_dir, pull_into
+from tests.models import MINILM, pull_minilm
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    hub = HubServer()
-    hub.add_repo(Repo.from_folder(MINILM, minilm_dir()))
-    hub.start()
     directory = tmp_path_factory.mktemp("cache")
-    try:
-        commit = pull_into(directory, hub.url, MINILM)["commit"]
-    finally:
-        hub.stop()
-    return directory, commit
+    return directory, pull_minilm(directory)
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -94,16 +94,10 @@ def test_agreement_is_per_token_and_leaves_padding_out():
 
 def test_load_reports_the_choice(tmp_path, monkeypatch, caplog):
     """Through the server's loading path: the decision is logged with its figures and kept on the loaded model."""
-    from tests.hubserver import HubServer, Repo
-    from tests.models import MINILM, pull_into
+    from tests.models import MINILM, pull_minilm
 
-    hub = HubServer()
-    hub.add_repo(Repo.from_folder(MINILM, minilm_dir()))
-    hub.start()
-    try:
-        commit = pull_into(tmp_path, hub.url, MINILM)["commit"]
-    finally:
-        hub.stop()
+    commit = pull_minilm(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")        # load() sets it for its process; unset again after this test
     monkeypatch.setattr(quantize, "fbgemm_available", lambda: False)
     if quantize.int_mm_is_fast():
         pytest.skip("this CPU has AVX512-VNNI")
