@@ -102,8 +102,8 @@ async def keep_in_flight(url: str, model: str, clients: int, until, deadline: fl
     return codes
 
 
-def test_one_gateway_two_models_autoscaling_and_an_external_scale(api_client, kubeconfig, namespace, images, hub,
-                                                                   tmp_path):
+def test_one_gateway_two_models_autoscaling_and_an_external_scale(api_client, kubeconfig, crd, namespace, images,
+                                                                   hub, tmp_path):
     custom, apps = client.CustomObjectsApi(api_client), client.AppsV1Api(api_client)
     autoscaling = {"minReplicas": 1, "maxReplicas": 4, "targetInFlight": TARGET_IN_FLIGHT, "scaleUpSeconds": 3,
                    "scaleDownDelaySeconds": SCALE_DOWN_DELAY}
@@ -170,7 +170,7 @@ def test_one_gateway_two_models_autoscaling_and_an_external_scale(api_client, ku
         assert answers == [200] * 6
 
 
-def test_scale_to_zero_holds_a_burst_and_answers_every_request(api_client, kubeconfig, namespace, images, hub,
+def test_scale_to_zero_holds_a_burst_and_answers_every_request(api_client, kubeconfig, crd, namespace, images, hub,
                                                                 tmp_path):
     custom, apps = client.CustomObjectsApi(api_client), client.AppsV1Api(api_client)
     autoscaling = {"minReplicas": 0, "maxReplicas": 1, "scaleDownDelaySeconds": SCALE_DOWN_DELAY}
