@@ -1,7 +1,7 @@
 """`modeldeploy pull` over hard networks, as the Job runs it, against the local Hub-compatible server: a puller
 killed (SIGKILL) mid-file resumes from the bytes on disk; partials nobody will resume are reclaimed; a listing or a
 revision lookup that never answers fails with a named reason within its deadline; large files come as parallel
-ranged segments; ordered endpoints fall back on connection failures and 5xx, never on 404, and refuse to mix
+ranged pieces; ordered endpoints fall back on connection failures and 5xx, never on 404, and refuse to mix
 commits; requests go through a real forward proxy (tinyproxy) unless NO_PROXY says otherwise."""
 
 from __future__ import annotations

@@ -79,10 +79,11 @@ def register(subparsers) -> None:
     p.add_argument("--retry-wait", type=positive(float), default=2.0, help="first backoff in seconds (default 2)")
     p.add_argument("--workers", type=positive(int), default=4, help="files downloaded at once (default 4)")
     p.add_argument("--streams-per-file", type=positive(int), default=4,
-                   help="ranged streams at once for one file of at least --split-size bytes (default 4)")
+                   help="ranged pieces fetched at once for one file of at least --split-size bytes (default 4)")
     p.add_argument("--streams", type=positive(int), default=8, help="streams at once in all (default 8)")
     p.add_argument("--split-size", type=positive(int), default=64 << 20,
-                   help="files at least this many bytes are fetched as ranged segments (default 64 MiB)")
+                   help="files at least this many bytes are fetched as ranged pieces of about this size, in file "
+                        "order (default 64 MiB)")
     p.add_argument("--stall-timeout", type=positive(float), default=60.0,
                    help="cut and retry when less than --stall-bytes arrive in this many seconds (default 60)")
     p.add_argument("--stall-bytes", type=positive(int), default=64 * 1024)

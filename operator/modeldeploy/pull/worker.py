@@ -1,6 +1,6 @@
 """One download attempt, run in a child process so that the supervisor (puller.py) can cut it off when it stalls
 or runs past the deadline: a blocked socket read cannot be interrupted from another thread, a process can be killed.
-Each file goes through `transfer.BlobTransfer` (stable partial files, per-blob locks, ranged segments), so whatever
+Each file goes through `transfer.BlobTransfer` (stable partial files, per-blob locks, ranged pieces), so whatever
 an attempt fetched before it was killed is still there for the next one."""
 
 from __future__ import annotations
