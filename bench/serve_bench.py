@@ -75,8 +75,10 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 40))) + "." for _ in range(n)]
 
 
-async def load(url: str, clients: int, texts_per_request: int, seconds: float, corpus: list[str]) -> dict:
-    """One load run: each client sends its next request as soon as the last is answered."""
+async def load(url: str, clients: int, texts_per_request: int, seconds: float, corpus: list[str],
+               extra: dict | None = None) -> dict:
+    """One load run: each client sends its next request as soon as the last is answered (`extra`: more fields for
+    every body, such as the `model` a gateway routes on)."""
     import aiohttp
 
     latencies: list[float] = []
@@ -89,7 +91,7 @@ async def load(url: str, clients: int, texts_per_request: int, seconds: float, c
         while time.monotonic() < deadline:
             texts = rng.sample(corpus, texts_per_request)
             started = time.monotonic()
-            async with session.post(f"{url}/v1/embeddings", json={"input": texts}) as response:
+            async with session.post(f"{url}/v1/embeddings", json={"input": texts, **(extra or {})}) as response:
                 await response.read()
                 if response.status != 200:
                     errors += 1

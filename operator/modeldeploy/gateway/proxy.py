@@ -108,8 +108,11 @@ class Gateway:
     async def start(self, _app) -> None:
         # No limit on connections: each one carries one request, and the servers bound their own queues.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(
-            total=self.options.request_timeout, sock_connect=self.options.connect_timeout))
+        # No cookies: the servers set none, and a jar costs time on every request.
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(
+                                                 total=self.options.request_timeout,
+                                                 sock_connect=self.options.connect_timeout))
         self.tasks = {asyncio.get_running_loop().create_task(self.autoscale_forever())}
 
     async def stop(self, _app) -> None:

@@ -1,0 +1,111 @@
+"""Gateway benchmark: what `modeldeploy gateway` adds to a request, against calling the model's server directly, side
+by side in one run on this machine. One `modeldeploy serve` of all-MiniLM-L6-v2 (the pod; 2 torch threads), one
+`modeldeploy gateway` routing to it (--static-model: the same proxy path as in the cluster, without the watch), the
+load generator in this process, all on the same cores. The two paths take turns, round after round, so that the
+machine's drift falls on both.
+
+Loads: single-text embedding requests from 64 concurrent clients (the target: <= 2 ms p50 added, >= 0.9x direct
+throughput), and from 1 client (no queueing). Then the same against a stub server answering a fixed 384-float
+embedding at once (no model): the gateway's own cost per request, and how many requests a second it can forward
+here at most, with nothing else competing for the cores.
+
+    .venv/bin/python bench/gateway_bench.py [--seconds 10] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.serve_bench import load, sentences, summarize  # noqa: E402
+from tests.helpers import ServeProcess, free_port, wait_for  # noqa: E402
+from tests.hubserver import HubServer, Repo  # noqa: E402
+from tests.models import MINILM, minilm_dir, pull_into  # noqa: E402
+
+
+STUB_SERVER = r'''
+import json, sys
+from aiohttp import web
+answer = json.dumps({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.125] * 384}],
+                     "model": "stub", "usage": {"prompt_tokens": 8, "total_tokens": 8}})
+async def embeddings(request):
+    await request.read()
+    return web.Response(text=answer, content_type="application/json")
+app = web.Application(); app.router.add_post("/v1/embeddings", embeddings)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+'''
+
+
+def compare(paths: dict, clients: int, rounds: int, seconds: float, corpus: list[str], what: str) -> None:
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, (url, extra) in paths.items():
+            runs[name].append(asyncio.run(load(url, clients, 1, seconds, corpus, extra)))
+    direct, through = summarize(runs["direct"]), summarize(runs["gateway"])
+    print(f"{what}, single text x {clients} client{'s' if clients > 1 else ''}, {rounds} rounds of {seconds:g} s "
+          f"per path:")
+    for name, result in (("direct", direct), ("gateway", through)):
+        print(f"  {name:8s} {result['texts_per_s']:7.1f} req/s  p50 {result['p50'] * 1000:7.2f} ms  "
+              f"p99 {result['p99'] * 1000:7.2f} ms  ({result['errors']} errors; rounds "
+              f"{', '.join(f'{r:.1f}' for r in result['round_rates'])} req/s)")
+    print(f"  gateway added: p50 {(through['p50'] - direct['p50']) * 1000:+.2f} ms, "
+          f"p99 {(through['p99'] - direct['p99']) * 1000:+.2f} ms; throughput "
+          f"{through['texts_per_s'] / direct['texts_per_s']:.3f}x direct")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per path, per load, per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    corpus = sentences(2048)
+    cache = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    hub = HubServer()
+    hub.add_repo(Repo.from_folder(MINILM, minilm_dir()))
+    hub.start()
+    commit = pull_into(cache, hub.url, MINILM)["commit"]
+    hub.stop()
+
+    server = ServeProcess("--model", MINILM, "--revision", commit, "--cache-dir", str(cache), "--task",
+                          "feature-extraction", "--threads", "2").wait_ready()
+    stub_port, port = free_port(), free_port()
+    stub_url = f"http://127.0.0.1:{stub_port}"
+    stub_server = subprocess.Popen([sys.executable, "-c", STUB_SERVER, str(stub_port)])
+    gateway = subprocess.Popen([sys.executable, "-m", "modeldeploy", "gateway", "--host", "127.0.0.1", "--port",
+                                str(port), "--static-model", f"minilm={MINILM}@127.0.0.1:{server.port}",
+                                "--static-model", f"stub=stub@127.0.0.1:{stub_port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gateway_url = f"http://127.0.0.1:{port}"
+
+    def gateway_ready() -> bool:
+        with urllib.request.urlopen(f"{gateway_url}/readyz", timeout=2) as response:
+            return response.status == 200
+
+    try:
+        wait_for(gateway_ready, 30, "the gateway")
+        paths = {"direct": (server.url, {}), "gateway": (gateway_url, {"model": "minilm"})}
+        for url, extra in paths.values():      # warm both paths (connections, the model's first passes)
+            asyncio.run(load(url, 8, 1, 2, corpus, extra))
+        for clients in (64, 1):
+            compare(paths, clients, args.rounds, args.seconds, corpus, "all-MiniLM-L6-v2 server")
+        server.stop()
+        stub = {"direct": (stub_url, {}), "gateway": (gateway_url, {"model": "stub"})}
+        asyncio.run(load(stub_url, 8, 1, 1, corpus))
+        for clients in (1, 64):
+            compare(stub, clients, args.rounds, args.seconds / 2, corpus, "stub server (no model)")
+    finally:
+        for process in (gateway, stub_server):
+            process.terminate()
+            process.wait(10)
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
