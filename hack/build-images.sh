@@ -13,6 +13,7 @@
 # Usage: hack/build-images.sh [--no-load] [operator|runtime-cpu|operator-loong64|llama.cpp-loong64 ...]
 #        (default: operator runtime-cpu). Exit status 3: loong64 asked for where binfmt_misc cannot be used.
 set -euo pipefail
+shopt -s inherit_errexit   # a failure inside $(...) fails the build too
 cd "$(dirname "$0")/.."
 CACHE=${MODELDEPLOY_CACHE:-$HOME/.cache/modeldeploy}
 BASE=localhost/modeldeploy-base:bookworm
@@ -64,13 +65,15 @@ sid_loong64_base() {   # NAME PACKAGES...: a Debian sid loong64 root with these 
   tarball=$CACHE/images/sid-loong64-$name-$key.tar
   minbase=$CACHE/images/sid-loong64-minbase.tar
   root=$(mktemp -d)
+  mkdir -p "$CACHE/images"
   if [ ! -s "$tarball" ]; then
     if [ ! -s "$minbase" ]; then
       log "debootstrap Debian sid loong64 (minbase) under emulation: minutes, once"
       debootstrap --arch=loong64 --variant=minbase sid "$root" "$DEBIAN_MIRROR" >"$root.log" 2>&1 ||
         { tail -n 30 "$root.log" >&2; exit 1; }
       rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root.log"
-      tar -C "$root" -cf "$minbase.tmp" . && mv "$minbase.tmp" "$minbase"
+      tar -C "$root" -cf "$minbase.tmp" .
+      mv "$minbase.tmp" "$minbase"
     else
       tar -C "$root" -xf "$minbase"
     fi
@@ -87,7 +90,8 @@ sid_loong64_base() {   # NAME PACKAGES...: a Debian sid loong64 root with these 
     umount "$root/proc"
     rm -rf "$root"/var/lib/apt/lists/* "$root"/usr/share/doc "$root"/usr/share/man "$root.log"
     : > "$root/etc/resolv.conf"
-    tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+    tar -C "$root" -cf "$tarball.tmp" .
+    mv "$tarball.tmp" "$tarball"
   fi
   rm -rf "$root"
   podman import -q --os linux --arch loong64 "$tarball" "$image" >/dev/null
