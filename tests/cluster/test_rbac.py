@@ -37,6 +37,16 @@ def service_account_kubeconfig(api_client, kubeconfig: str, namespace: str, name
     return str(path)
 
 
+def rbac_allows(api_client, namespace: str, service_account: str, verb: str, resource: str,
+                subresource: str = "") -> bool:
+    review = client.AuthorizationV1Api(api_client).create_subject_access_review({
+        "spec": {"user": f"system:serviceaccount:{namespace}:{service_account}",
+                 "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
+                 "resourceAttributes": {"namespace": namespace, "verb": verb, "resource": resource,
+                                        "subresource": subresource}}})
+    return review.status.allowed
+
+
 def check_permissions(config: str, namespace: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "modeldeploy", "operator", "--check-permissions",
                            "--namespace", namespace], capture_output=True, text=True, timeout=120,
@@ -54,6 +64,10 @@ def test_the_charts_role_suffices_and_a_missing_rule_is_named(api_client, kubeco
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "operator"},
         "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": namespace}]})
     config = service_account_kubeconfig(api_client, kubeconfig, namespace, "operator", tmp_path / "sa.kubeconfig")
+    # The API server authorises from an informer cache of Roles and bindings: wait until it has both, as seen by a
+    # review the admin asks, so the check below tests the Role and not that cache's lag (it failed CI once).
+    wait_for(lambda: rbac_allows(api_client, namespace, "operator", "get", "pods", "log"), 30,
+             "the API server's authoriser to see the new Role and binding")
 
     held = check_permissions(config, namespace)
     assert held.returncode == 0, held.stderr
