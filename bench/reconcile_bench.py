@@ -7,9 +7,12 @@ control plane's work, not N downloads on a 2-core machine. The N models are serv
 operator's configured Hugging Face endpoint), which the operator asks for each model's file sizes, as it would ask
 a reachable hub.
 
+The operator talks to the API server through a counting proxy on 127.0.0.1 (this script's): every request it makes,
+kopf's watches and writes included, is counted, and nothing the cluster's own controllers do is.
+
 Prints: seconds until every ModelDeployment has its Job and a status (operator) and seconds to create the same
-objects directly (floor), their ratio, the API requests the operator made per reconcile and per ModelDeployment
-(from the API server's own request counter, minus this script's requests), and the operator's RSS.
+objects directly (floor), their ratio, the API requests the operator made per ModelDeployment and per reconcile, the
+requests it made in a minute of idleness once every ModelDeployment was steady, and the operator's RSS.
 
     .venv/bin/python bench/reconcile_bench.py [--count 200]
 """
@@ -17,6 +20,11 @@ objects directly (floor), their ratio, the API requests the operator made per re
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
+import re
+import ssl
+import threading
 import subprocess
 import sys
 import tempfile
@@ -24,7 +32,9 @@ import time
 import uuid
 from pathlib import Path
 
+import aiohttp
 import yaml
+from aiohttp import web
 from kubernetes import client, config
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -39,28 +49,66 @@ from tests.hubserver import HubServer, Repo, RepoFile  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
 METRICS_PORT = 18082
+SETTLE_SECONDS = 20
+RESOURCE_PATH = re.compile(r"/namespaces/[^/]+|(?<=/)(?:modeldeployments|jobs|pods|persistentvolumeclaims|events|"
+                           r"deployments|services)/[^/]+")
 
 
-class CountingApi:
-    """This script's own API requests, to subtract from the API server's total."""
+class CountingProxy:
+    """A plain-HTTP proxy on 127.0.0.1 in front of the API server (the admin's token and CA added), counting every
+    request that passes; responses are streamed, so watches work through it."""
 
-    def __init__(self, api_client: client.ApiClient):
+    def __init__(self, kubeconfig: str):
+        conf = yaml.safe_load(Path(kubeconfig).read_text())
+        self.server = conf["clusters"][0]["cluster"]["server"]
+        self.ca = conf["clusters"][0]["cluster"]["certificate-authority"]
+        self.token = conf["users"][0]["user"]["token"]
         self.requests = 0
-        original = api_client.call_api
+        self.by_kind: collections.Counter = collections.Counter()
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
 
-        def counted(*args, **kwargs):
-            self.requests += 1
-            return original(*args, **kwargs)
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        kind = RESOURCE_PATH.sub(lambda m: "/namespaces/NS" if m[0].startswith("/") else m[0].split("/")[0] + "/X",
+                                 request.path)
+        self.by_kind[f"{request.method} {kind}{' (watch)' if 'watch' in request.query else ''}"] += 1
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "authorization")}
+        headers["Authorization"] = f"Bearer {self.token}"
+        # skip_auto_headers: no Content-Type of aiohttp's own where the client sent none (the API server reads JSON)
+        async with self.session.request(request.method, self.server + request.path_qs, headers=headers,
+                                        data=await request.read(), skip_auto_headers=("Content-Type",)) as upstream:
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() in ("content-type",)})
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
 
-        api_client.call_api = counted
+    async def _start(self) -> None:
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            ssl=ssl.create_default_context(cafile=self.ca), limit=0), timeout=aiohttp.ClientTimeout(total=None))
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
 
+    def start(self) -> str:
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        return f"http://127.0.0.1:{self.port}"
 
-def apiserver_requests(kubeconfig: str) -> float:
-    """The API server's count of requests it served (one more for this read itself)."""
-    text = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "--raw", "/metrics"], capture_output=True,
-                          text=True, check=True).stdout
-    return sum(s.value for family in text_string_to_metric_families(text)
-               for s in family.samples if s.name == "apiserver_request_total")
+    def kubeconfig(self, path: Path) -> str:
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "bench",
+            "clusters": [{"name": "bench", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
+            "users": [{"name": "bench", "user": {}}],
+            "contexts": [{"name": "bench", "context": {"cluster": "bench", "user": "bench"}}]}))
+        return str(path)
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -108,19 +156,21 @@ def floor(api: client.ApiClient, count: int, operator_config: OperatorConfig) ->
     return elapsed
 
 
-def through_operator(api: client.ApiClient, counting: CountingApi, kubeconfig: str, count: int,
-                     workdir: Path, hub_url: str) -> dict:
+def through_operator(api: client.ApiClient, kubeconfig: str, count: int, workdir: Path, hub_url: str,
+                     idle_seconds: float) -> dict:
     core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
     namespace = fresh_namespace(core, "bench-operator")
     config_file = workdir / "operator.yaml"
     config_file.write_text(yaml.safe_dump({"registry": "localhost", "imagePullPolicy": "Never",
                                            "pull": {"endpoints": {"huggingface": hub_url}}}))
     log = open(workdir / "operator.log", "w")
+    proxy = CountingProxy(kubeconfig)
+    proxy.start()
     operator = subprocess.Popen([sys.executable, "-m", "modeldeploy", "operator", "--namespace", namespace,
                                  "--config", str(config_file), "--health-port", "0",
                                  "--metrics-port", str(METRICS_PORT)],
-                                stdout=log, stderr=subprocess.STDOUT, env={"KUBECONFIG": kubeconfig,
-                                                                           "PATH": "/usr/bin:/bin"})
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={"KUBECONFIG": proxy.kubeconfig(workdir / "kubeconfig"), "PATH": "/usr/bin:/bin"})
     metrics_url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
     try:
         deadline = time.monotonic() + 60
@@ -133,7 +183,8 @@ def through_operator(api: client.ApiClient, counting: CountingApi, kubeconfig: s
                     raise SystemExit(f"the operator did not start: {(workdir / 'operator.log').read_text()[-3000:]}")
                 time.sleep(0.2)
         time.sleep(2)
-        own_before, server_before = counting.requests, apiserver_requests(kubeconfig)
+        before = proxy.requests
+        proxy.by_kind.clear()
         started = time.perf_counter()
         for i in range(count):
             custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep_body(i))
@@ -149,13 +200,22 @@ def through_operator(api: client.ApiClient, counting: CountingApi, kubeconfig: s
                 raise SystemExit(f"timed out: {jobs} jobs, {done} statuses of {count}")
             time.sleep(0.5)
         elapsed = time.perf_counter() - started
-        operator_requests = apiserver_requests(kubeconfig) - server_before - (counting.requests - own_before) - 1
+        operator_requests = proxy.requests - before
+        by_kind = proxy.by_kind.most_common(8)
         values = scrape(metrics_url)
         reconciles = sum(v for k, v in values.items() if k.startswith("modeldeploy_operator_reconciles_total"))
         own = sum(v for k, v in values.items() if k.startswith("modeldeploy_operator_api_requests_total"))
         rss = values.get("process_resident_memory_bytes", 0)
+        # Steady once the last retries have run: what the operator asks of the API server then is its idle cost.
+        time.sleep(SETTLE_SECONDS)
+        before = proxy.requests
+        time.sleep(idle_seconds)
+        idle = proxy.requests - before
+        events = collections.Counter(f"{e.type} {e.reason}" for e in core.list_namespaced_event(namespace).items
+                                     if e.source and e.source.component == "modeldeploy-operator")
         return {"seconds": elapsed, "create_seconds": created, "requests": operator_requests, "own": own,
-                "reconciles": reconciles, "rss": rss, "namespace": namespace}
+                "reconciles": reconciles, "rss": rss, "namespace": namespace, "idle": idle, "events": events,
+                "by_kind": by_kind}
     finally:
         operator.terminate()
         operator.wait(30)
@@ -166,11 +226,11 @@ def through_operator(api: client.ApiClient, counting: CountingApi, kubeconfig: s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--idle-seconds", type=float, default=60)
     args = parser.parse_args()
     kubeconfig = subprocess.run(["bash", str(REPO / "hack" / "cluster.sh"), "start"], capture_output=True,
                                 text=True, check=True).stdout.strip().splitlines()[-1]
     api = config.new_client_from_config(config_file=kubeconfig)
-    counting = CountingApi(api)
     crd = yaml.safe_load((REPO / "crds" / "modeldeploy.io_modeldeployments.yaml").read_text())
     extensions = client.ApiextensionsV1Api(api)
     try:
@@ -189,7 +249,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as workdir:
             floor_seconds = floor(api, args.count, operator_config)
-            result = through_operator(api, counting, kubeconfig, args.count, Path(workdir), hub.url)
+            result = through_operator(api, kubeconfig, args.count, Path(workdir), hub.url, args.idle_seconds)
     finally:
         hub.stop()
     n = args.count
@@ -198,12 +258,17 @@ def main() -> None:
     print(f"through the operator, until every Job and status: {result['seconds']:7.2f} s "
           f"(of which {result['create_seconds']:.2f} s creating the ModelDeployments)")
     print(f"ratio operator/floor: {result['seconds'] / floor_seconds:.2f}x")
-    print(f"operator API requests: {result['requests']:.0f} in all; {result['requests'] / n:.1f} per ModelDeployment; "
-          f"{result['requests'] / max(result['reconciles'], 1):.1f} per reconcile ({result['reconciles']:.0f} "
-          f"reconciles)")
-    print(f"of which the reconciler's own (kopf's watches and bookkeeping aside): {result['own'] / n:.1f} per "
-          "ModelDeployment")
+    print(f"operator API requests (all, kopf's included): {result['requests']:.0f}; {result['requests'] / n:.1f} per "
+          f"ModelDeployment; {result['requests'] / max(result['reconciles'], 1):.1f} per reconcile "
+          f"({result['reconciles']:.0f} reconciles)")
+    print(f"of which the reconciler's own: {result['own'] / n:.1f} per ModelDeployment")
+    print(f"then idle for {args.idle_seconds:.0f} s, every ModelDeployment steady: {result['idle']:.0f} API requests "
+          f"({result['idle'] * 60 / args.idle_seconds / n:.3f} per ModelDeployment per minute)")
     print(f"operator RSS: {result['rss'] / 2**20:.0f} MiB")
+    print("the requests, most frequent first:")
+    for kind, number in result["by_kind"]:
+        print(f"  {number:6d}  {kind}")
+    print("Events posted:", ", ".join(f"{n} {reason}" for reason, n in result["events"].most_common()) or "none")
 
 
 if __name__ == "__main__":

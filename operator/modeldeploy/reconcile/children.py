@@ -12,7 +12,10 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from modeldeploy.reconcile import metrics
+from modeldeploy.api import GROUP, PLURAL, VERSION
+from modeldeploy.manifests.common import LABEL_CACHE
 from modeldeploy.reconcile.hub_sizes import HubSizes
+from modeldeploy.reconcile.views import CLAIMS, MDEPS, PRUNE_JOBS, PULL_JOBS, PULL_PODS, Views
 
 FIELD_MANAGER = "modeldeploy"
 
@@ -26,6 +29,10 @@ class Apis:
     custom: client.CustomObjectsApi
     pod_monitors_checked: tuple[float, bool] | None = None   # (when, whether the PodMonitor kind exists)
     hub_sizes: HubSizes = field(default_factory=HubSizes)
+    views: Views | None = None        # kopf's indexes, once the handlers have them
+    latest_events: dict = field(default_factory=dict)        # (namespace, kind, name) -> (when, message)
+    # (namespace, name) -> (resourceVersion written over, the resource as written): what the views show a moment late
+    written: dict = field(default_factory=dict)
 
     @classmethod
     def create(cls, api: client.ApiClient | None = None) -> "Apis":
@@ -111,6 +118,51 @@ def api_message(error: ApiException) -> str:
 
 def pods_of(apis: Apis, namespace: str, selector: str) -> list[dict]:
     return apis.plain(apis.core.list_namespaced_pod(namespace, label_selector=selector).items)
+
+
+# -- reads through the views where kopf has them (views.py), else from the API server ---------------------------------
+def read_mdep(apis: Apis, namespace: str, name: str, fresh: bool = False) -> dict | None:
+    if apis.views and not fresh:
+        seen = apis.views.one(MDEPS, (namespace, name))
+        over, written = apis.written.get((namespace, name), (None, None))
+        if seen is not None and written is not None and seen["metadata"]["resourceVersion"] == over:
+            return written        # the view still shows the version the operator's last status write replaced
+        apis.written.pop((namespace, name), None)
+        return seen
+    return read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+
+
+def wrote_status(apis: Apis, over: dict, written: dict) -> None:
+    """A status write's result, read in place of `over` until the watch brings it (or something newer): a child's
+    event in between then sees the status as written, not a stale one that would be written again and refused."""
+    if apis.views:
+        meta = over["metadata"]
+        apis.written[(meta["namespace"], meta["name"])] = (meta["resourceVersion"], written)
+
+
+def read_claim(apis: Apis, namespace: str, name: str) -> dict | None:
+    if apis.views:
+        return apis.views.one(CLAIMS, (namespace, name))
+    return apis.plain(read_or_none(apis.core.read_namespaced_persistent_volume_claim, name, namespace))
+
+
+def read_pull_job(apis: Apis, namespace: str, name: str) -> dict | None:
+    if apis.views:
+        return apis.views.one(PULL_JOBS, (namespace, name))
+    return apis.plain(read_or_none(apis.batch.read_namespaced_job, name, namespace))
+
+
+def pull_pods(apis: Apis, namespace: str, job_name: str) -> list[dict]:
+    if apis.views:
+        return apis.views.values(PULL_PODS, (namespace, job_name))
+    return pods_of(apis, namespace, f"job-name={job_name}")
+
+
+def prune_jobs(apis: Apis, namespace: str, claim: str) -> list[dict]:
+    if apis.views:
+        return apis.views.values(PRUNE_JOBS, (namespace, claim))
+    return apis.plain(apis.batch.list_namespaced_job(
+        namespace, label_selector=f"app.kubernetes.io/component=prune,{LABEL_CACHE}={claim}").items)
 
 
 def last_progress(apis: Apis, namespace: str, pods: list[dict]) -> dict | None:

@@ -2,22 +2,25 @@
 reconciler.py (the write and its retry) and steps.py (what is observed and made). The same reconcile runs when the
 resource changes and when one of its children does (a pull Job or its pod, the cache PVC, the Deployment or its pods),
 so status follows the children without polling; only download progress, which lives in the pull pod's log, is
-refreshed on a timer, and only for the resources that are pulling."""
+refreshed on a timer, and only for the resources whose pull pod runs. Reads come from kopf's indexes of the watched
+objects (views.py): a reconcile costs the API server its writes, not its reads."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 
 import kopf
 
 from modeldeploy.api import GROUP, PLURAL, VERSION, SpecError, parse_spec
-from modeldeploy.manifests.common import LABEL_CACHE, LABEL_MDEP, LABEL_WEIGHTS
+from modeldeploy.manifests.common import LABEL_CACHE, LABEL_COMPONENT, LABEL_MDEP, LABEL_WEIGHTS
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile import garbage, metrics
 from modeldeploy.reconcile.children import Apis
 from modeldeploy.reconcile.garbage import key_or_none
 from modeldeploy.reconcile.reconciler import reconcile, reconcile_by_name, record
+from modeldeploy.reconcile.views import NAMES, Views, entries
 
 log = logging.getLogger("modeldeploy.operator")
 MDEP = (GROUP, VERSION, PLURAL)
@@ -29,7 +32,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # (no drift for GitOps tools), and deletion never waits on a finalizer.
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diffbase")
-    settings.posting.level = logging.INFO
+    # kopf's own Events ("Handler succeeded") would double the operator's, which say what happened; its failures stay.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 8
     # The operator's resources are known in advance: no watching of CRDs and namespaces (least-privilege RBAC).
@@ -37,7 +41,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     if not isinstance(getattr(memo, "apis", None), Apis):
         memo.apis = Apis.create()
     memo.phases = metrics.PhaseBook()
-    memo.pulling = set()
+    memo.refreshing = set()
+    memo.claim_states = {}
+    memo.fan_out = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="claim-users")
     if not isinstance(getattr(memo, "config", None), OperatorConfig):
         memo.config = OperatorConfig()
 
@@ -59,30 +65,48 @@ def by_claim(namespace, name, body, **_):
     return {(namespace, spec.cache.claim_name): (name, spec)}
 
 
-def remember(memo, by_claim: kopf.Index) -> None:
-    """kopf hands indexes to handlers only; the reconcile (also run by the refresher) reads this live view."""
+def remember(memo, indexes: dict) -> None:
+    """kopf hands indexes to handlers only; the reconcile (also run by the refresher) reads these live views."""
     if getattr(memo, "cache_users", None) is None:
+        by_claim = indexes["by_claim"]
         memo.cache_users = lambda namespace, claim: [spec for _, spec in entries(by_claim, (namespace, claim))]
+    if memo.apis.views is None:
+        memo.apis.views = Views({name: indexes[name] for name in NAMES})
 
 
-def entries(index: kopf.Index, key) -> list:
-    """A copy of an index entry. kopf updates indexes on its event loop while sync handlers and the refresher read
-    them from threads: a copy that met a concurrent change is taken again."""
-    for _ in range(10):
-        try:
-            return list(index.get(key, []))
-        except RuntimeError:        # changed size during iteration
-            continue
-    return []
+# -- views: the objects as kopf's watches last saw them (views.py) ----------------------------------------------------
+@kopf.index(*MDEP)
+def mdeps(namespace, name, body, **_):
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("", "v1", "persistentvolumeclaims")
+def claims(namespace, name, body, **_):
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_WEIGHTS: kopf.PRESENT})
+def pull_jobs(namespace, name, body, **_):
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_COMPONENT: "prune", LABEL_CACHE: kopf.PRESENT})
+def prune_jobs(namespace, labels, body, **_):
+    return {(namespace, labels[LABEL_CACHE]): dict(body)}
+
+
+@kopf.index("", "v1", "pods", labels={LABEL_WEIGHTS: kopf.PRESENT, "job-name": kopf.PRESENT})
+def pull_pods(namespace, labels, body, **_):
+    return {(namespace, labels["job-name"]): dict(body)}
 
 
 # -- the resource's own handlers --------------------------------------------------------------------------------------
 @kopf.on.resume(*MDEP)
 @kopf.on.create(*MDEP)
 @kopf.on.update(*MDEP, field="spec")
-def on_change(body, memo, by_claim: kopf.Index, **_):
+def on_change(body, memo, **kwargs):
     """Retries (kopf's backoff) while something outside the spec may still change; stops on a bad spec."""
-    remember(memo, by_claim)
+    remember(memo, kwargs)
     observation = reconcile(body, memo)     # a write that moves the weights key also collects the old Job
     if observation.stalled and observation.stalled[0] == "InvalidSpec":
         raise kopf.PermanentError(observation.stalled[1])
@@ -97,6 +121,7 @@ def on_gone(type, body, namespace, name, memo, **_):
     deletion never waits for the operator (and start-up catches up on deletions it missed)."""
     if type == "DELETED":
         record(memo, namespace, name, None)
+        memo.apis.written.pop((namespace, name), None)
         garbage.collect(memo.apis, memo.config, namespace)
 
 
@@ -129,8 +154,8 @@ def collect_garbage_at_start(memo: kopf.Memo, **_) -> None:
 # -- children's events --------------------------------------------------------------------------------------------
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_WEIGHTS: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_WEIGHTS: kopf.PRESENT})
-def on_pull(namespace, labels, memo, by_weights: kopf.Index, by_claim: kopf.Index, **_):
-    remember(memo, by_claim)
+def on_pull(namespace, labels, memo, by_weights: kopf.Index, **kwargs):
+    remember(memo, kwargs)
     for name in entries(by_weights, (namespace, labels[LABEL_WEIGHTS])):
         reconcile_by_name(memo, namespace, name)
 
@@ -143,16 +168,26 @@ def on_prune(type, body, memo, **_):
 
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_MDEP: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_MDEP: kopf.PRESENT})
-def on_serving(namespace, labels, memo, by_claim: kopf.Index, **_):
-    remember(memo, by_claim)
+def on_serving(namespace, labels, memo, **kwargs):
+    remember(memo, kwargs)
     reconcile_by_name(memo, namespace, labels[LABEL_MDEP])
 
 
 @kopf.on.event("", "v1", "persistentvolumeclaims")
-def on_claim(namespace, name, memo, by_claim: kopf.Index, **_):
-    remember(memo, by_claim)
-    for mdep, _ in entries(by_claim, (namespace, name)):
-        reconcile_by_name(memo, namespace, mdep)
+def on_claim(type, namespace, name, body, memo, by_claim: kopf.Index, **kwargs):
+    """Every user of the claim, but only when what the reconcile reads of it changed (a claim shared by a thousand
+    ModelDeployments would otherwise cost a thousand reconciles for each of its metadata updates)."""
+    remember(memo, {"by_claim": by_claim, **kwargs})
+    status = body.get("status") or {}
+    state = None if type == "DELETED" else (
+        status.get("phase"), (status.get("capacity") or {}).get("storage"),
+        ((body.get("spec") or {}).get("resources") or {}).get("requests", {}).get("storage"),
+        tuple(sorted(c["type"] for c in status.get("conditions") or [] if c.get("status") == "True")))
+    if memo.claim_states.get((namespace, name)) == state:
+        return
+    memo.claim_states[(namespace, name)] = state
+    users = [mdep for mdep, _ in entries(by_claim, (namespace, name))]
+    list(memo.fan_out.map(lambda mdep: reconcile_by_name(memo, namespace, mdep), users))
 
 
 # Download progress lives in the pull pod's log, which makes no events: a background loop refreshes the resources
@@ -175,5 +210,5 @@ async def stop_progress_refresher(memo: kopf.Memo, **_) -> None:
 async def refresh_pulls_forever(memo) -> None:
     while True:
         await asyncio.sleep(PROGRESS_INTERVAL)
-        for namespace, name in sorted(memo.pulling):
+        for namespace, name in sorted(memo.refreshing):
             await asyncio.to_thread(reconcile_by_name, memo, namespace, name)

@@ -7,6 +7,8 @@ accepts connections and never answers costs a pending coroutine, not a reconcile
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import logging
 import threading
@@ -106,7 +108,7 @@ class HubSizes:
         self.lister = lister
         self.timeout = timeout
         self.answers: dict[Query, tuple[float, int | None]] = {}     # query -> (when, bytes or None)
-        self.running: set[Query] = set()
+        self.running: dict[Query, concurrent.futures.Future] = {}
         self.unreachable: dict[str, float] = {}                      # endpoint -> since when
         self.lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -114,10 +116,11 @@ class HubSizes:
         self.slots: asyncio.Semaphore | None = None
 
     def selected_bytes(self, endpoint: str, repo_id: str, revision: str, files: list[str] | None,
-                       allow_pickle: bool, gguf: bool = False) -> int | None | Pending:
+                       allow_pickle: bool, gguf: bool = False, wait: float = 0) -> int | None | Pending:
         """Bytes of the selected files if known; None if the hub will not tell (or cannot be reached); PENDING
         while a first lookup runs (it ends within the timeout). An answer past its time is still given while it is
-        asked again, so a resource that was sized stays sized (no flapping)."""
+        asked again, so a resource that was sized stays sized (no flapping). `wait`: seconds a first lookup may
+        take before the caller hears PENDING (a hub that answers at once costs no retry)."""
         query = Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle, gguf)
         now = self.clock()
         with self.lock:
@@ -128,11 +131,19 @@ class HubSizes:
             if unreachable:
                 return known[1] if known else None
             if query not in self.running:
-                self.running.add(query)
-                asyncio.run_coroutine_threadsafe(self._look_up(query), self._loop())
+                self.running[query] = asyncio.run_coroutine_threadsafe(self._look_up(query), self._loop())
+            lookup = self.running.get(query)
             if len(self.answers) > MAX_ANSWERS:
                 self.answers = {q: a for q, a in self.answers.items() if now - a[0] < 2 * LISTING_SECONDS}
-        return known[1] if known else PENDING
+        if known:
+            return known[1]
+        if wait > 0 and lookup is not None:
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                lookup.result(wait)
+            with self.lock:
+                if (answer := self.answers.get(query)) is not None:
+                    return answer[1]
+        return PENDING
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         if self.loop is None:
@@ -163,7 +174,7 @@ class HubSizes:
         finally:
             with self.lock:
                 self.answers[query] = (self.clock(), answer)
-                self.running.discard(query)
+                self.running.pop(query, None)
 
     def wait(self, timeout: float) -> None:
         """Until no lookup runs (for tests and benchmarks that want the answer, not PENDING)."""

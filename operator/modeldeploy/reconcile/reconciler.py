@@ -9,9 +9,8 @@ import contextlib
 import logging
 import time
 
-from modeldeploy.api import GROUP, PLURAL, VERSION
 from modeldeploy.reconcile import garbage, metrics
-from modeldeploy.reconcile.children import Apis, read_or_none
+from modeldeploy.reconcile.children import Apis, read_mdep
 from modeldeploy.reconcile.status import Observation, StaleRead, write_status
 from modeldeploy.reconcile.steps import observe
 
@@ -26,7 +25,7 @@ def reconcile(body, memo) -> Observation:
             return reconcile_as_read(body, memo)
         except StaleRead:
             meta = body["metadata"]
-            if (body := read_live(memo.apis, meta["namespace"], meta["name"])) is None:
+            if (body := read_live(memo.apis, meta["namespace"], meta["name"], fresh=True)) is None:
                 return Observation(generation=meta.get("generation", 1))
     return reconcile_as_read(body, memo)    # a third StaleRead reaches the caller: kopf retries, the refresher logs
 
@@ -44,7 +43,7 @@ def reconcile_as_read(body, memo) -> Observation:
             result = "conflict"
             raise
         if status is not None:
-            record(memo, meta["namespace"], meta["name"], status)
+            record(memo, meta["namespace"], meta["name"], status, observation.progress_in_log)
             before = (body.get("status") or {}).get("weightsKey")
             if before and before != status.get("weightsKey"):     # this write moved it: the old Job may go
                 garbage.collect(memo.apis, memo.config, meta["namespace"], prune=False)
@@ -60,17 +59,18 @@ def reconcile_as_read(body, memo) -> Observation:
     return observation
 
 
-def record(memo, namespace: str, name: str, status: dict | None) -> None:
-    """The phase in the metrics, and whether the progress refresher looks at this resource."""
+def record(memo, namespace: str, name: str, status: dict | None, progress_in_log: bool = False) -> None:
+    """The phase in the metrics, and whether the progress refresher looks at this resource: only while its pull pod
+    runs (a pull held back, by a quota say, costs nothing until its pod starts, which is an event)."""
     memo.phases.record(namespace, name, status["phase"] if status else None)
     if status is not None:
         metrics.record_download(namespace, name, status.get("download"))
-    pulling = getattr(memo, "pulling", None)
-    if pulling is not None:
-        if status is not None and status["phase"] in PULLING_PHASES:
-            pulling.add((namespace, name))
+    refreshing = getattr(memo, "refreshing", None)
+    if refreshing is not None:
+        if status is not None and progress_in_log and status["phase"] in PULLING_PHASES:
+            refreshing.add((namespace, name))
         else:
-            pulling.discard((namespace, name))
+            refreshing.discard((namespace, name))
 
 
 def reconcile_by_name(memo, namespace: str, name: str) -> None:
@@ -82,11 +82,12 @@ def reconcile_by_name(memo, namespace: str, name: str) -> None:
             record(memo, namespace, name, None)
     except Exception:
         log.exception("mdep %s/%s: reconcile (after a child's event, or refreshing progress) failed", namespace, name)
-        if (pulling := getattr(memo, "pulling", None)) is not None:
-            pulling.add((namespace, name))     # the refresher tries again; a good reconcile takes it off
+        if (refreshing := getattr(memo, "refreshing", None)) is not None:
+            refreshing.add((namespace, name))     # the refresher tries again; a good reconcile takes it off
 
 
-def read_live(apis: Apis, namespace: str, name: str) -> dict | None:
-    """The resource as the API server has it now; None once it is gone or being deleted."""
-    body = read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+def read_live(apis: Apis, namespace: str, name: str, fresh: bool = False) -> dict | None:
+    """The resource as kopf's watch last saw it (or, `fresh`, as the API server has it now); None once it is gone
+    or being deleted."""
+    body = read_mdep(apis, namespace, name, fresh)
     return body if body is not None and not body["metadata"].get("deletionTimestamp") else None

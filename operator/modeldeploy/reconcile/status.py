@@ -27,6 +27,7 @@ class Observation:
     fields: dict = field(default_factory=dict)        # other status fields (resolvedRevision, download, ...)
     retry: str | None = None                          # waiting on something outside the spec: look again soon
     retry_delay: float = 15                           # seconds until then
+    progress_in_log: bool = False                     # a pull pod runs: its progress is refreshed on a timer
 
 
 def merge_condition(previous: list[dict], kind: str, ok: bool | None, reason: str, message: str,
@@ -81,7 +82,8 @@ def status_patch(observation: Observation, previous: list[dict]) -> tuple[dict, 
 
 
 # -- writing it ------------------------------------------------------------------------------------------------------
-PROGRESS_REASONS = {"Waiting", "Creating", "Sizing", "Expanding", "WaitingForFirstConsumer", "Pruning", "Pulling",
+PROGRESS_REASONS = {"Waiting", "Creating", "Sizing", "Expanding", "WaitingForFirstConsumer", "ClaimPending", "Pruning",
+                    "Pulling",
                     "RollingOut", "ReplicasNotReady", "Ready", "Progressing"}
 
 
@@ -97,15 +99,17 @@ def write_status(apis, body, observation: Observation, previous: list[dict]) -> 
 
     from modeldeploy.api import GROUP, PLURAL, VERSION
     from modeldeploy.reconcile import events, metrics
+    from modeldeploy.reconcile.children import wrote_status
 
     status, changed = status_patch(observation, previous)
     meta = body["metadata"]
     if unchanged(body.get("status") or {}, status):
         return status
     try:
-        apis.custom.patch_namespaced_custom_object_status(
+        written = apis.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
             {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status})
+        wrote_status(apis, body, written)
     except ApiException as error:
         if error.status == 404:
             return None   # deleted meanwhile
@@ -124,7 +128,7 @@ def write_status(apis, body, observation: Observation, previous: list[dict]) -> 
             to_post.setdefault(("Warning", reason), condition["message"])
             if observation.weights is not None and not observation.weights[0]:
                 metrics.PULL_FAILURES.labels(reason).inc()
-        elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE, READY) and ok:
+        elif kind in (WEIGHTS_READY, READY) and ok:     # the pull's outcome and the resource's; the rest is status
             to_post.setdefault(("Normal", kind), condition["message"])
         elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE) and reason not in PROGRESS_REASONS:
             to_post.setdefault(("Warning", reason), condition["message"])

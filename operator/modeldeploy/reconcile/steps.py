@@ -17,7 +17,7 @@ from kubernetes.utils import parse_quantity
 from modeldeploy import endpoints
 from modeldeploy.api import ModelDeploymentSpec, SpecError, name_problems, parse_spec
 from modeldeploy.manifests.cache import build_cache_pvc
-from modeldeploy.manifests.common import ANNOTATION_MODEL, LABEL_CACHE, pull_job_name, weights_key
+from modeldeploy.manifests.common import ANNOTATION_MODEL, pull_job_name, weights_key
 from modeldeploy.manifests.monitoring import POD_MONITOR_API, build_pod_monitor
 from modeldeploy.manifests.pull_job import build_pull_job
 from modeldeploy.manifests.serving import build_deployment, build_service, server_selector
@@ -26,12 +26,16 @@ from modeldeploy.pull.selection import served_gguf
 from modeldeploy.pull.sizing import claim_size
 from modeldeploy.reconcile import events, garbage
 from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_absent, last_progress, pods_of,
-                                            read_or_none, server_problem)
+                                            prune_jobs, pull_pods, read_claim, read_pull_job, server_problem)
 from modeldeploy.reconcile.hub_sizes import PENDING
-from modeldeploy.reconcile.pull_state import RESULT_ANNOTATION, pull_state, true_conditions
+from modeldeploy.reconcile.pull_state import RESULT_ANNOTATION, PullState, pull_state, true_conditions
 from modeldeploy.reconcile.status import Observation
 
 log = logging.getLogger("modeldeploy.operator")
+# How long a reconcile waits for a hub's listing before it says "Sizing" and looks again later: a reachable hub
+# answers within it (no status write and retry for nothing); a hanging one holds a worker no longer than this.
+HUB_ANSWER_SECONDS = 1.0
+EVENT_SECONDS = 4.0
 
 
 def observe(body, apis: Apis, config: OperatorConfig, o: Observation,
@@ -67,7 +71,7 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
     """The PVC exists (bound or not: with WaitForFirstConsumer the pull pod is what binds it) and, once bound, is
     large enough for the weights its ModelDeployments need, expanded where the StorageClass allows."""
     namespace, claim_name = body["metadata"]["namespace"], spec.cache.claim_name
-    claim = read_or_none(apis.core.read_namespaced_persistent_volume_claim, claim_name, namespace)
+    claim = read_claim(apis, namespace, claim_name)
     if claim is None:
         size, why = estimated_cache_size(spec, config, apis)
         if size is PENDING:
@@ -79,7 +83,6 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
         o.cache = (False, "Creating", f"creating PVC {claim_name}{why}")
         o.retry = o.cache[2]
         return False
-    claim = apis.plain(claim)
     capacity = ((claim.get("status") or {}).get("capacity") or {}).get("storage")
     o.fields["cache"] = {"claimName": claim_name, "capacity": capacity}
     if (claim.get("status") or {}).get("phase") != "Bound":
@@ -89,7 +92,11 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
                    + (f": {why}" if why else "") + ("; the pull pod will bind it" if reason != "ClaimPending" else ""))
         if reason == "WaitingForFirstConsumer":
             return True     # the pull Job may start: it is the first consumer the claim waits for
-        o.retry, o.retry_delay = o.cache[2], 5     # binding at once: its size is checked before a pull
+        # Binding at once: a pull may start (its pod waits for the volume) if the size asked for covers the weights.
+        needed = cache_needs(users, config, apis)
+        if needed is not PENDING and (needed or 0) <= parse_quantity(claim["spec"]["resources"]["requests"]["storage"]):
+            return True
+        o.retry, o.retry_delay = o.cache[2], 5     # else its size is checked, and grown, once it is bound
         return False
     requested = claim["spec"]["resources"]["requests"]["storage"]
     conditions = {c["type"] for c in (claim.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
@@ -177,7 +184,8 @@ def hub_listed_bytes(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Ap
     pull pod, which holds the token, checks space itself)."""
     model = spec.model
     return apis.hub_sizes.selected_bytes(endpoints.pull_endpoints(spec, config)[0], model.id, model.revision,
-                                         model.files, model.allow_pickle, spec.runtime.engine == "llamacpp")
+                                         model.files, model.allow_pickle, spec.runtime.engine == "llamacpp",
+                                         wait=HUB_ANSWER_SECONDS)
 
 
 def estimated_cache_size(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Apis):
@@ -195,10 +203,18 @@ def estimated_cache_size(spec: ModelDeploymentSpec, config: OperatorConfig, apis
 
 
 def latest_event(apis: Apis, namespace: str, kind: str, name: str) -> str | None:
+    """The newest Event's message about an object, asked at most every EVENT_SECONDS per object: every
+    ModelDeployment on a pending claim asks about the same claim."""
+    key, now = (namespace, kind, name), time.monotonic()
+    if (known := apis.latest_events.get(key)) is not None and now - known[0] < EVENT_SECONDS:
+        return known[1]
     found = apis.core.list_namespaced_event(
         namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}").items
     found.sort(key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
-    return found[-1].message if found else None
+    apis.latest_events[key] = (now, found[-1].message if found else None)
+    if len(apis.latest_events) > 10000:
+        apis.latest_events.clear()
+    return apis.latest_events[key][1]
 
 
 # -- 2. the weights ---------------------------------------------------------------------------------------------------
@@ -212,7 +228,7 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
     key = weights_key(spec, config)
     job_name = pull_job_name(spec, key)
     o.fields.update(weightsKey=key, download={"job": job_name})
-    job = read_or_none(apis.batch.read_namespaced_job, job_name, namespace)
+    job = read_pull_job(apis, namespace, job_name)
     if job is None:
         too_small = cache_too_small(spec, config, apis, o.fields["cache"]["capacity"])
         if too_small is PENDING:
@@ -234,10 +250,9 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
                         f"pull job {job_name} created for {spec.model.id}@{commit or spec.model.revision}")
             log.info("mdep %s/%s: pull job %s created for %s@%s", namespace, name, job_name, spec.model.id,
                      commit or spec.model.revision)
-        o.weights = (False, "Pulling", f"pull job {job_name} started")
+        o.weights = (False, "Pulling", PullState().message)     # as the Job will say until its pod runs
         return None
-    job = apis.plain(job)
-    pods = pods_of(apis, namespace, f"job-name={job_name}")
+    pods = pull_pods(apis, namespace, job_name)
     state = pull_state(job, pods)
     if state.rerun:
         apis.batch.delete_namespaced_job(job_name, namespace, propagation_policy="Background")
@@ -248,8 +263,10 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         o.weights = (False, state.reason, state.message)
         if state.permanent:
             o.stalled = (state.reason, f"pull job {job_name}: {state.message}")
-        elif progress := last_progress(apis, namespace, pods):
-            o.fields["download"].update(progress)
+        else:
+            o.progress_in_log = any((p.get("status") or {}).get("phase") == "Running" for p in pods)
+            if o.progress_in_log and (progress := last_progress(apis, namespace, pods)):
+                o.fields["download"].update(progress)
         return None
     if RESULT_ANNOTATION not in (job["metadata"].get("annotations") or {}):
         remember_result(apis, namespace, job_name, state.result)
@@ -268,9 +285,7 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
 def prune_running(apis: Apis, namespace: str, spec: ModelDeploymentSpec) -> str | None:
     """An unfinished prune Job taking this model out of this cache: a pull now would have its files removed under
     it (a resource deleted and made again at once)."""
-    jobs = apis.batch.list_namespaced_job(
-        namespace, label_selector=f"app.kubernetes.io/component=prune,{LABEL_CACHE}={spec.cache.claim_name}").items
-    for job in apis.plain(jobs):
+    for job in prune_jobs(apis, namespace, spec.cache.claim_name):
         if (job["metadata"].get("annotations") or {}).get(ANNOTATION_MODEL, "").startswith(spec.model.id + "@") \
                 and not {"Complete", "Failed"} & set(true_conditions(job)):
             return f"prune job {job['metadata']['name']}"
