@@ -206,6 +206,9 @@ def through_operator(api: client.ApiClient, kubeconfig: str, count: int, workdir
         reconciles = sum(v for k, v in values.items() if k.startswith("modeldeploy_operator_reconciles_total"))
         own = sum(v for k, v in values.items() if k.startswith("modeldeploy_operator_api_requests_total"))
         rss = values.get("process_resident_memory_bytes", 0)
+        by_result = {k.split("result=")[1].rstrip("}"): v for k, v in values.items()
+                     if k.startswith("modeldeploy_operator_reconciles_total{")}
+        reconcile_seconds = values.get("modeldeploy_operator_reconcile_duration_seconds_sum", 0)
         # Steady once the last retries have run: what the operator asks of the API server then is its idle cost.
         time.sleep(SETTLE_SECONDS)
         before = proxy.requests
@@ -214,7 +217,7 @@ def through_operator(api: client.ApiClient, kubeconfig: str, count: int, workdir
         events = collections.Counter(f"{e.type} {e.reason}" for e in core.list_namespaced_event(namespace).items
                                      if e.source and e.source.component == "modeldeploy-operator")
         return {"seconds": elapsed, "create_seconds": created, "requests": operator_requests, "own": own,
-                "reconciles": reconciles, "rss": rss, "namespace": namespace, "idle": idle, "events": events,
+                "reconciles": reconciles, "rss": rss, "namespace": namespace, "idle": idle, "events": events, "by_result": by_result, "reconcile_seconds": reconcile_seconds,
                 "by_kind": by_kind}
     finally:
         operator.terminate()
@@ -262,6 +265,8 @@ def main() -> None:
           f"ModelDeployment; {result['requests'] / max(result['reconciles'], 1):.1f} per reconcile "
           f"({result['reconciles']:.0f} reconciles)")
     print(f"of which the reconciler's own: {result['own'] / n:.1f} per ModelDeployment")
+    print(f"reconciles by result: {result['by_result']}; {result['reconcile_seconds']:.1f} s in reconciles in all "
+          f"({1000 * result['reconcile_seconds'] / max(result['reconciles'], 1):.0f} ms each)")
     print(f"then idle for {args.idle_seconds:.0f} s, every ModelDeployment steady: {result['idle']:.0f} API requests "
           f"({result['idle'] * 60 / args.idle_seconds / n:.3f} per ModelDeployment per minute)")
     print(f"operator RSS: {result['rss'] / 2**20:.0f} MiB")

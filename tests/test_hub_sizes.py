@@ -16,7 +16,7 @@ from modeldeploy.pull.selection import select
 from modeldeploy.reconcile import hub_sizes
 from modeldeploy.reconcile.hub_sizes import LISTING_SECONDS, PENDING, UNREACHABLE_SECONDS, HubSizes
 from tests.helpers import BlackHole, free_port, wait_for
-from tests.hubserver import HubServer, Repo
+from tests.hubserver import HubServer, Repo, RepoFile
 from tests.models import MINILM, TINY_GGUF, build_gguf_llama, minilm_dir
 
 
@@ -135,20 +135,28 @@ def test_a_cache_is_sized_only_from_the_endpoints_the_admin_allows():
     from modeldeploy.api import ModelDeploymentSpec
     from modeldeploy.config import OperatorConfig
     from modeldeploy.reconcile.children import Apis
-    from modeldeploy.reconcile.steps import cache_needs
+    from modeldeploy.reconcile.steps import cache_needs, cache_user
 
     allowed, other = HubServer(), HubServer()
     for hub in (allowed, other):
         hub.add_repo(Repo.from_folder(MINILM, minilm_dir()))
         hub.start()
+    allowed.add_repo(Repo.from_files("org/small", {"config.json": RepoFile("config.json", b'{"model_type": "bert"}')}))
     try:
         config = OperatorConfig(pull={"allowedEndpoints": {"huggingface": [allowed.url]}})
-        users = [ModelDeploymentSpec.model_validate({"model": {"id": MINILM, "endpoint": url}})
-                 for url in (allowed.url, other.url)]
+        specs = [ModelDeploymentSpec.model_validate({"model": {"id": model, "endpoint": url}})
+                 for model, url in ((MINILM, allowed.url), (MINILM, other.url), ("org/small", allowed.url))]
+        users = [cache_user(spec, config) for spec in specs]
+        assert users[1] is None                                    # its endpoint is not allowed: it stalls
+        users = [user for user in users if user is not None]
         apis = Apis.create()
-        # A hub that answers within HUB_ANSWER_SECONDS is waited for: no "Sizing" status and retry for nothing.
-        assert cache_needs(users, config, apis) == answer(HubSizes(), allowed.url, MINILM, "main", None, False)
-        assert allowed.requests[("GET", "tree")] == 2 and other.requests[("GET", "tree")] == 0
+        minilm = answer(HubSizes(), allowed.url, MINILM, "main", None, False)
+        # Its own weights: a hub that answers within HUB_ANSWER_SECONDS is waited for (no "Sizing" and retry for
+        # nothing). Another resource's: asked, not awaited (counted 0 until told; its own reconcile waits for it).
+        assert cache_needs(users, config, apis, specs[0]) == minilm
+        apis.hub_sizes.wait(30)
+        assert cache_needs(users, config, apis, specs[0]) == minilm + len(b'{"model_type": "bert"}')
+        assert allowed.requests[("GET", "tree")] == 3 and other.requests[("GET", "tree")] == 0
     finally:
         allowed.stop()
         other.stop()

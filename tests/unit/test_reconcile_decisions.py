@@ -133,3 +133,25 @@ def test_pull_jobs_no_live_resource_needs_are_garbage():
     assert [j["metadata"]["name"] for j in unused_jobs(jobs, [live, gone, other_ns], config)] == \
         [jobs[1]["metadata"]["name"], jobs[2]["metadata"]["name"]]
     assert unused_jobs(jobs[:1], [live], config) == []
+
+
+def test_a_status_just_written_is_read_until_the_watch_brings_it_or_something_newer():
+    """A child's event that comes before the watch brings the operator's own status write would otherwise reconcile
+    over the stale view, write the same status again and be refused (409): a GET and a PATCH for nothing."""
+    from modeldeploy.reconcile.children import Apis, read_mdep, wrote_status
+    from modeldeploy.reconcile.views import MDEPS, Views
+
+    def version(rv: str, phase: str) -> dict:
+        return {"metadata": {"name": "m", "namespace": "ml", "resourceVersion": rv}, "status": {"phase": phase}}
+
+    seen = {("ml", "m"): [version("10", "Pending")]}
+    apis = Apis.create()
+    apis.views = Views({MDEPS: seen})
+    wrote_status(apis, seen[("ml", "m")][0], version("11", "Pulling"))
+    assert read_mdep(apis, "ml", "m")["status"]["phase"] == "Pulling"        # the view still shows 10
+    seen[("ml", "m")] = [version("12", "Pulling")]                             # the watch moved on (11, or later)
+    assert read_mdep(apis, "ml", "m")["metadata"]["resourceVersion"] == "12"
+    assert apis.written == {}
+    wrote_status(apis, version("12", "Pulling"), version("13", "Ready"))
+    del seen[("ml", "m")]                                                      # deleted: never read back as written
+    assert read_mdep(apis, "ml", "m") is None and apis.written == {}

@@ -20,6 +20,7 @@ from modeldeploy.reconcile import garbage, metrics
 from modeldeploy.reconcile.children import Apis
 from modeldeploy.reconcile.garbage import key_or_none
 from modeldeploy.reconcile.reconciler import reconcile, reconcile_by_name, record
+from modeldeploy.reconcile.steps import cache_user
 from modeldeploy.reconcile.views import NAMES, Views, entries
 
 log = logging.getLogger("modeldeploy.operator")
@@ -56,20 +57,21 @@ def by_weights(namespace, name, body, memo, **_):
 
 
 @kopf.index(*MDEP)
-def by_claim(namespace, name, body, **_):
-    """(namespace, claim) -> (name, spec) of each resource using that cache (their weights size it)."""
+def by_claim(namespace, name, body, memo, **_):
+    """(namespace, claim) -> (name, CacheUser or None) of each resource using that cache (their weights size it)."""
     try:
         spec = parse_spec(dict(body))
     except SpecError:
         return None
-    return {(namespace, spec.cache.claim_name): (name, spec)}
+    return {(namespace, spec.cache.claim_name): (name, cache_user(spec, memo.config))}
 
 
 def remember(memo, indexes: dict) -> None:
     """kopf hands indexes to handlers only; the reconcile (also run by the refresher) reads these live views."""
     if getattr(memo, "cache_users", None) is None:
         by_claim = indexes["by_claim"]
-        memo.cache_users = lambda namespace, claim: [spec for _, spec in entries(by_claim, (namespace, claim))]
+        memo.cache_users = lambda namespace, claim: [user for _, user in entries(by_claim, (namespace, claim))
+                                                     if user is not None]
     if memo.apis.views is None:
         memo.apis.views = Views({name: indexes[name] for name in NAMES})
 
@@ -126,7 +128,7 @@ def on_gone(type, body, namespace, name, memo, **_):
 
 
 @kopf.on.event(*MDEP)
-def on_autoscaled(type, body, memo, by_claim: kopf.Index, **_):
+def on_autoscaled(type, body, memo, **kwargs):
     """The gateway's decision (status.autoscaler, which it alone writes) that the Deployment does not run yet: a
     status change, which the spec handlers above never see."""
     if type != "MODIFIED" or not (body.get("spec") or {}).get("autoscaling"):
@@ -137,7 +139,7 @@ def on_autoscaled(type, body, memo, by_claim: kopf.Index, **_):
         return
     running = (body.get("status") or {}).get("desiredReplicas")     # None: not serving yet, nothing to move
     if running is not None and spec.wanted_replicas(body.get("status")) != running:
-        remember(memo, by_claim)
+        remember(memo, kwargs)
         reconcile(body, memo)
 
 

@@ -121,10 +121,12 @@ class HubSizes:
         while a first lookup runs (it ends within the timeout). An answer past its time is still given while it is
         asked again, so a resource that was sized stays sized (no flapping). `wait`: seconds a first lookup may
         take before the caller hears PENDING (a hub that answers at once costs no retry)."""
-        query = Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle, gguf)
+        return self.ask(Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle, gguf), wait)
+
+    def ask(self, query: Query, wait: float = 0) -> int | None | Pending:
         now = self.clock()
         with self.lock:
-            unreachable = now - self.unreachable.get(endpoint, -UNREACHABLE_SECONDS) < UNREACHABLE_SECONDS
+            unreachable = now - self.unreachable.get(query.endpoint, -UNREACHABLE_SECONDS) < UNREACHABLE_SECONDS
             known = self.answers.get(query)
             if known is not None and now - known[0] < LISTING_SECONDS:
                 return known[1]

@@ -130,7 +130,7 @@ def write_status(apis, body, observation: Observation, previous: list[dict]) -> 
                 metrics.PULL_FAILURES.labels(reason).inc()
         elif kind in (WEIGHTS_READY, READY) and ok:     # the pull's outcome and the resource's; the rest is status
             to_post.setdefault(("Normal", kind), condition["message"])
-        elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE) and reason not in PROGRESS_REASONS:
+        elif kind in (CACHE_READY, WEIGHTS_READY, AVAILABLE) and not ok and reason not in PROGRESS_REASONS:
             to_post.setdefault(("Warning", reason), condition["message"])
     for (type_, reason), message in to_post.items():
         events.post(apis.core, body, type_, reason, message)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import kopf
@@ -26,8 +27,9 @@ from modeldeploy.pull.selection import served_gguf
 from modeldeploy.pull.sizing import claim_size
 from modeldeploy.reconcile import events, garbage
 from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_absent, last_progress, pods_of,
-                                            prune_jobs, pull_pods, read_claim, read_pull_job, server_problem)
-from modeldeploy.reconcile.hub_sizes import PENDING
+                                            prune_jobs, pull_pods, read_claim, read_or_none, read_pull_job,
+                                            server_problem)
+from modeldeploy.reconcile.hub_sizes import PENDING, Query
 from modeldeploy.reconcile.pull_state import RESULT_ANNOTATION, PullState, pull_state, true_conditions
 from modeldeploy.reconcile.status import Observation
 
@@ -39,11 +41,11 @@ EVENT_SECONDS = 4.0
 
 
 def observe(body, apis: Apis, config: OperatorConfig, o: Observation,
-            cache_users: Callable[[str, str], list[ModelDeploymentSpec]] | None = None) -> None:
-    """`cache_users(namespace, claim)`: the specs of every ModelDeployment using that cache (kopf's index)."""
+            cache_users: Callable[[str, str], list[CacheUser]] | None = None) -> None:
+    """`cache_users(namespace, claim)`: every ModelDeployment using that cache (kopf's index)."""
     spec = valid_spec(body, config, o)
     users = cache_users(body["metadata"]["namespace"], spec.cache.claim_name) if spec and cache_users else []
-    if spec is None or not cache_step(body, spec, apis, config, o, users or [spec]):
+    if spec is None or not cache_step(body, spec, apis, config, o, users):
         return
     pulled = weights_step(body, spec, apis, config, o)
     if pulled is not None:
@@ -67,7 +69,7 @@ def valid_spec(body, config: OperatorConfig, o: Observation) -> ModelDeploymentS
 
 # -- 1. the shared cache ----------------------------------------------------------------------------------------------
 def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, o: Observation,
-               users: list[ModelDeploymentSpec]) -> bool:
+               users: list[CacheUser]) -> bool:
     """The PVC exists (bound or not: with WaitForFirstConsumer the pull pod is what binds it) and, once bound, is
     large enough for the weights its ModelDeployments need, expanded where the StorageClass allows."""
     namespace, claim_name = body["metadata"]["namespace"], spec.cache.claim_name
@@ -78,11 +80,17 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
             o.cache = (False, "Sizing", f"asking the hub for the sizes of {spec.model.id}'s files")
             o.retry, o.retry_delay = o.cache[2], 2
             return False
-        create_if_absent(apis.core.create_namespaced_persistent_volume_claim, namespace,
-                         build_cache_pvc(spec, config, size))
-        o.cache = (False, "Creating", f"creating PVC {claim_name}{why}")
-        o.retry = o.cache[2]
-        return False
+        wanted = build_cache_pvc(spec, config, size)
+        try:
+            claim = apis.plain(apis.core.create_namespaced_persistent_volume_claim(namespace, wanted))
+        except ApiException as error:
+            if error.status != 409:
+                raise       # made by another resource a moment ago (the view had not seen it yet)
+            claim = apis.plain(read_or_none(apis.core.read_namespaced_persistent_volume_claim, claim_name, namespace))
+        if claim is None:
+            o.cache = (False, "Creating", f"creating PVC {claim_name}{why}")
+            o.retry = o.cache[2]
+            return False
     capacity = ((claim.get("status") or {}).get("capacity") or {}).get("storage")
     o.fields["cache"] = {"claimName": claim_name, "capacity": capacity}
     if (claim.get("status") or {}).get("phase") != "Bound":
@@ -93,7 +101,7 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
         if reason == "WaitingForFirstConsumer":
             return True     # the pull Job may start: it is the first consumer the claim waits for
         # Binding at once: a pull may start (its pod waits for the volume) if the size asked for covers the weights.
-        needed = cache_needs(users, config, apis)
+        needed = cache_needs(users, config, apis, spec)
         if needed is not PENDING and (needed or 0) <= parse_quantity(claim["spec"]["resources"]["requests"]["storage"]):
             return True
         o.retry, o.retry_delay = o.cache[2], 5     # else its size is checked, and grown, once it is bound
@@ -109,7 +117,7 @@ def cache_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConf
         o.cache = (False, "Expanding", message)
         o.retry, o.retry_delay = o.cache[2], 5
         return False
-    needed = cache_needs(users, config, apis)
+    needed = cache_needs(users, config, apis, spec)
     if needed is PENDING:
         o.cache = (False, "Sizing", f"asking the hub for the sizes of the models in PVC {claim_name}")
         o.retry, o.retry_delay = o.cache[2], 2
@@ -163,29 +171,50 @@ def expand(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorConfig, 
     return False
 
 
-def cache_needs(users: list[ModelDeploymentSpec], config: OperatorConfig, apis: Apis):
-    """Bytes that the weights of every ModelDeployment using this cache need, as the hubs list them (unknown ones
-    count 0: their pull checks space itself); PENDING while a hub is being asked."""
-    weights, total = set(), 0
+@dataclass(frozen=True)
+class CacheUser:
+    """A ModelDeployment on a cache, as its index entry keeps it: what sizing the cache asks of it is worked out once
+    per change of the resource, not once per reconcile of every other resource on the cache."""
+    spec: ModelDeploymentSpec
+    key: str              # its weights key
+    query: Query          # what the hub is asked for the sizes of its files
+
+
+def cache_user(spec: ModelDeploymentSpec, config: OperatorConfig) -> CacheUser | None:
+    """None for a spec this operator refuses (another tenant's may name an endpoint the admin did not allow: that
+    endpoint is never asked)."""
+    if spec.problems(config):
+        return None
+    model = spec.model
+    return CacheUser(spec, weights_key(spec, config), Query(
+        endpoints.pull_endpoints(spec, config)[0], model.id, model.revision,
+        tuple(model.files) if model.files else None, model.allow_pickle, spec.runtime.engine == "llamacpp"))
+
+
+def cache_needs(users: list[CacheUser], config: OperatorConfig, apis: Apis, own: ModelDeploymentSpec):
+    """Bytes that the weights of every ModelDeployment using this cache need, as the hubs list them; PENDING while
+    the hub is asked about `own`'s. Another resource's weights the hub has not told yet count 0 (their lookup
+    is started, not awaited: their own reconcile waits for it, and grows the cache if they need it)."""
+    nbytes = hub_listed_bytes(own, config, apis)
+    if nbytes is PENDING:
+        return PENDING
+    total, counted = nbytes or 0, {weights_key(own, config)}
     for user in users:
-        # Another tenant's resource on this cache may name an endpoint the admin did not allow: never asked.
-        if user.problems(config) or (key := weights_key(user, config)) in weights:
-            continue
-        weights.add(key)
-        nbytes = hub_listed_bytes(user, config, apis)
-        if nbytes is PENDING:
-            return PENDING
-        total += nbytes or 0
+        if user.key not in counted:
+            counted.add(user.key)
+            if (nbytes := apis.hub_sizes.ask(user.query)) is not PENDING:
+                total += nbytes or 0
     return total
 
 
-def hub_listed_bytes(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Apis):
+def hub_listed_bytes(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Apis,
+                     wait: float = HUB_ANSWER_SECONDS):
     """What the pull's first endpoint lists, asked without a token (a gated repository's sizes stay unknown: the
     pull pod, which holds the token, checks space itself)."""
     model = spec.model
     return apis.hub_sizes.selected_bytes(endpoints.pull_endpoints(spec, config)[0], model.id, model.revision,
                                          model.files, model.allow_pickle, spec.runtime.engine == "llamacpp",
-                                         wait=HUB_ANSWER_SECONDS)
+                                         wait=wait)
 
 
 def estimated_cache_size(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Apis):
@@ -246,8 +275,6 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         # A branch resolved once stays pinned until the spec changes: a re-created Job pulls that commit again.
         commit = (pinned(body, key) or "").rpartition("@")[2] or None
         if create_if_absent(apis.batch.create_namespaced_job, namespace, build_pull_job(spec, config, key, commit)):
-            events.info(apis.core, body, "PullStarted",
-                        f"pull job {job_name} created for {spec.model.id}@{commit or spec.model.revision}")
             log.info("mdep %s/%s: pull job %s created for %s@%s", namespace, name, job_name, spec.model.id,
                      commit or spec.model.revision)
         o.weights = (False, "Pulling", PullState().message)     # as the Job will say until its pod runs
