@@ -19,7 +19,9 @@ from tests.helpers import REPO, helm_binary, wait_for
 def chart_role(namespace: str) -> dict:
     rendered = subprocess.run([helm_binary(), "template", "md", str(REPO / "charts" / "modeldeploy"), "-n", namespace,
                                "--set", f"watchNamespaces={{{namespace}}}"], capture_output=True, text=True, check=True)
-    return next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "Role")
+    # The operator's Role, not the gateway's (the chart renders both).
+    return next(d for d in yaml.safe_load_all(rendered.stdout)
+                if d and d["kind"] == "Role" and d["metadata"]["name"] == "md-modeldeploy")
 
 
 def service_account_kubeconfig(api_client, kubeconfig: str, namespace: str, name: str, path) -> str:
@@ -65,7 +67,7 @@ def test_the_charts_role_suffices_and_a_missing_rule_is_named(api_client, kubeco
         "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": namespace}]})
     config = service_account_kubeconfig(api_client, kubeconfig, namespace, "operator", tmp_path / "sa.kubeconfig")
     # The API server authorises from an informer cache of Roles and bindings: wait until it has both, as seen by a
-    # review the admin asks, so the check below tests the Role and not that cache's lag (it failed CI once).
+    # review the admin asks, so the check below tests the Role and not that cache's lag.
     wait_for(lambda: rbac_allows(api_client, namespace, "operator", "get", "pods", "log"), 30,
              "the API server's authoriser to see the new Role and binding")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 
 import kopf
 
@@ -19,7 +20,7 @@ from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile import garbage, metrics
 from modeldeploy.reconcile.children import Apis
 from modeldeploy.reconcile.garbage import key_or_none
-from modeldeploy.reconcile.reconciler import reconcile, reconcile_by_name, record
+from modeldeploy.reconcile.reconciler import reconcile_by_name, reconcile_now, record
 from modeldeploy.reconcile.steps import cache_user
 from modeldeploy.reconcile.views import NAMES, Views, entries
 
@@ -29,10 +30,6 @@ MDEP = (GROUP, VERSION, PLURAL)
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
-    # Everything kopf keeps about a resource goes to its status: the operator never writes spec or metadata
-    # (no drift for GitOps tools), and deletion never waits on a finalizer.
-    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
-    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diffbase")
     # kopf's own Events ("Handler succeeded") would double the operator's, which say what happened; its failures stay.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
@@ -43,6 +40,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
         memo.apis = Apis.create()
     memo.phases = metrics.PhaseBook()
     memo.refreshing = set()
+    memo.retries = {}
     memo.claim_states = {}
     memo.fan_out = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="claim-users")
     if not isinstance(getattr(memo, "config", None), OperatorConfig):
@@ -102,45 +100,41 @@ def pull_pods(namespace, labels, body, **_):
     return {(namespace, labels["job-name"]): dict(body)}
 
 
-# -- the resource's own handlers --------------------------------------------------------------------------------------
-@kopf.on.resume(*MDEP)
-@kopf.on.create(*MDEP)
-@kopf.on.update(*MDEP, field="spec")
-def on_change(body, memo, **kwargs):
-    """Retries (kopf's backoff) while something outside the spec may still change; stops on a bad spec."""
-    remember(memo, kwargs)
-    observation = reconcile(body, memo)     # a write that moves the weights key also collects the old Job
-    if observation.stalled and observation.stalled[0] == "InvalidSpec":
-        raise kopf.PermanentError(observation.stalled[1])
-    if observation.retry:
-        raise kopf.TemporaryError(observation.retry, delay=observation.retry_delay)
-
-
+# -- the resource's own events ----------------------------------------------------------------------------------------
 @kopf.on.event(*MDEP)
-def on_gone(type, body, namespace, name, memo, **_):
-    """Deployment and Service go with the resource (ownerReferences); the cache stays; the pull Job goes when no
-    other ModelDeployment in the namespace needs the same weights. Seen from the DELETED event: no finalizer, so
-    deletion never waits for the operator (and start-up catches up on deletions it missed)."""
+def on_resource(type, body, namespace, name, memo, **kwargs):
+    """Every event of the resource, the initial listing's included (type None: a start, or a restart after the
+    operator was down). It reconciles a spec the status has not seen yet (observedGeneration), everything at
+    start-up, and a gateway decision the Deployment does not run yet; the operator's own status writes come back
+    here and cost nothing. kopf writes nothing to the resource (no progress, no diff base, no finalizer): a reconcile
+    that waits on something outside the spec is run again by the operator's own timer (reconciler.schedule)."""
+    remember(memo, kwargs)
     if type == "DELETED":
+        # Deployment and Service go with the resource (ownerReferences); the cache stays; the pull Job goes when no
+        # other ModelDeployment in the namespace needs the same weights. No finalizer: deletion never waits for the
+        # operator, and start-up catches up on deletions it missed.
         record(memo, namespace, name, None)
         memo.apis.written.pop((namespace, name), None)
+        memo.retries.pop((namespace, name), None)
         garbage.collect(memo.apis, memo.config, namespace)
-
-
-@kopf.on.event(*MDEP)
-def on_autoscaled(type, body, memo, **kwargs):
-    """The gateway's decision (status.autoscaler, which it alone writes) that the Deployment does not run yet: a
-    status change, which the spec handlers above never see."""
-    if type != "MODIFIED" or not (body.get("spec") or {}).get("autoscaling"):
         return
+    meta, status = body["metadata"], body.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return
+    if type is None or status.get("observedGeneration") != meta.get("generation") or autoscaler_moved(body):
+        reconcile_now(memo, body)
+
+
+def autoscaler_moved(body) -> bool:
+    """The gateway's decision (status.autoscaler, which it alone writes) differs from what the Deployment runs."""
+    if not (body.get("spec") or {}).get("autoscaling"):
+        return False
     try:
         spec = parse_spec(dict(body))
     except SpecError:
-        return
+        return False
     running = (body.get("status") or {}).get("desiredReplicas")     # None: not serving yet, nothing to move
-    if running is not None and spec.wanted_replicas(body.get("status")) != running:
-        remember(memo, kwargs)
-        reconcile(body, memo)
+    return running is not None and spec.wanted_replicas(body.get("status")) != running
 
 
 @kopf.on.startup()
@@ -193,14 +187,15 @@ def on_claim(type, namespace, name, body, memo, by_claim: kopf.Index, **kwargs):
 
 
 # Download progress lives in the pull pod's log, which makes no events: a background loop refreshes the resources
-# that are pulling, and only those. (Not a kopf timer: timers put a finalizer on each resource, and a finalizer
-# would make deletion hang whenever the operator is not running.)
+# whose pull pod runs, and only those, and runs the reconciles that asked to look again later. (Not kopf timers: they
+# put a finalizer on each resource, which would make deletion hang whenever the operator is not running.)
 PROGRESS_INTERVAL = 5.0
+TICK_SECONDS = 1.0
 
 
 @kopf.on.startup()
 async def start_progress_refresher(memo: kopf.Memo, **_) -> None:
-    memo.refresher = asyncio.get_running_loop().create_task(refresh_pulls_forever(memo))
+    memo.refresher = asyncio.get_running_loop().create_task(refresh_forever(memo))
 
 
 @kopf.on.cleanup()
@@ -209,8 +204,16 @@ async def stop_progress_refresher(memo: kopf.Memo, **_) -> None:
         memo.refresher.cancel()
 
 
-async def refresh_pulls_forever(memo) -> None:
+async def refresh_forever(memo) -> None:
+    loop, progress_at = asyncio.get_running_loop(), time.monotonic()
     while True:
-        await asyncio.sleep(PROGRESS_INTERVAL)
-        for namespace, name in sorted(memo.refreshing):
-            await asyncio.to_thread(reconcile_by_name, memo, namespace, name)
+        await asyncio.sleep(TICK_SECONDS)
+        now = time.monotonic()
+        due = {key for key, when in list(memo.retries.items()) if when <= now}
+        for key in due:
+            memo.retries.pop(key, None)      # a reconcile that still waits asks again
+        if now - progress_at >= PROGRESS_INTERVAL:
+            due |= set(memo.refreshing)
+            progress_at = now
+        await asyncio.gather(*(loop.run_in_executor(memo.fan_out, reconcile_by_name, memo, namespace, name)
+                               for namespace, name in sorted(due)))

@@ -19,15 +19,46 @@ STALE_READ_ATTEMPTS = 3
 PULLING_PHASES = ("Pending", "Pulling")
 
 
+ERROR_RETRY_SECONDS = 10
+
+
 def reconcile(body, memo) -> Observation:
+    meta = body["metadata"]
     for _ in range(STALE_READ_ATTEMPTS - 1):
         try:
-            return reconcile_as_read(body, memo)
+            observation = reconcile_as_read(body, memo)
+            break
         except StaleRead:
-            meta = body["metadata"]
             if (body := read_live(memo.apis, meta["namespace"], meta["name"], fresh=True)) is None:
                 return Observation(generation=meta.get("generation", 1))
-    return reconcile_as_read(body, memo)    # a third StaleRead reaches the caller: kopf retries, the refresher logs
+    else:
+        observation = reconcile_as_read(body, memo)    # a third StaleRead reaches the caller, which retries
+    schedule(memo, meta["namespace"], meta["name"], observation.retry_delay if observation.retry else None)
+    return observation
+
+
+def schedule(memo, namespace: str, name: str, delay: float | None) -> None:
+    """A reconcile that waits on something outside the spec (a claim binding, a hub's answer, a prune) runs again
+    after `delay` seconds (the refresher's timer); None: nothing to wait for, no turn kept."""
+    retries = getattr(memo, "retries", None)
+    if retries is None:
+        return
+    if delay is None:
+        retries.pop((namespace, name), None)
+    else:
+        retries[(namespace, name)] = time.monotonic() + delay
+
+
+def reconcile_now(memo, body) -> None:
+    """From the resource's own event: a failure is logged and tried again later, never raised into kopf (whose
+    event handlers do not retry)."""
+    meta = body["metadata"]
+    try:
+        reconcile(body, memo)
+    except Exception:
+        log.exception("mdep %s/%s: reconcile failed; trying again in %ss", meta["namespace"], meta["name"],
+                      ERROR_RETRY_SECONDS)
+        schedule(memo, meta["namespace"], meta["name"], ERROR_RETRY_SECONDS)
 
 
 def reconcile_as_read(body, memo) -> Observation:
@@ -82,8 +113,7 @@ def reconcile_by_name(memo, namespace: str, name: str) -> None:
             record(memo, namespace, name, None)
     except Exception:
         log.exception("mdep %s/%s: reconcile (after a child's event, or refreshing progress) failed", namespace, name)
-        if (refreshing := getattr(memo, "refreshing", None)) is not None:
-            refreshing.add((namespace, name))     # the refresher tries again; a good reconcile takes it off
+        schedule(memo, namespace, name, ERROR_RETRY_SECONDS)
 
 
 def read_live(apis: Apis, namespace: str, name: str, fresh: bool = False) -> dict | None:
