@@ -211,13 +211,14 @@ def through_operator(api: client.ApiClient, kubeconfig: str, count: int, workdir
         reconcile_seconds = values.get("modeldeploy_operator_reconcile_duration_seconds_sum", 0)
         # Steady once the last retries have run: what the operator asks of the API server then is its idle cost.
         time.sleep(SETTLE_SECONDS)
-        before = proxy.requests
+        before, kinds_before = proxy.requests, collections.Counter(proxy.by_kind)
         time.sleep(idle_seconds)
         idle = proxy.requests - before
+        idle_kinds = collections.Counter(proxy.by_kind) - kinds_before
         events = collections.Counter(f"{e.type} {e.reason}" for e in core.list_namespaced_event(namespace).items
                                      if e.source and e.source.component == "modeldeploy-operator")
         return {"seconds": elapsed, "create_seconds": created, "requests": operator_requests, "own": own,
-                "reconciles": reconciles, "rss": rss, "namespace": namespace, "idle": idle, "events": events, "by_result": by_result, "reconcile_seconds": reconcile_seconds,
+                "reconciles": reconciles, "rss": rss, "namespace": namespace, "idle": idle, "events": events, "idle_kinds": idle_kinds, "by_result": by_result, "reconcile_seconds": reconcile_seconds,
                 "by_kind": by_kind}
     finally:
         operator.terminate()
@@ -268,7 +269,8 @@ def main() -> None:
     print(f"reconciles by result: {result['by_result']}; {result['reconcile_seconds']:.1f} s in reconciles in all "
           f"({1000 * result['reconcile_seconds'] / max(result['reconciles'], 1):.0f} ms each)")
     print(f"then idle for {args.idle_seconds:.0f} s, every ModelDeployment steady: {result['idle']:.0f} API requests "
-          f"({result['idle'] * 60 / args.idle_seconds / n:.3f} per ModelDeployment per minute)")
+          f"({result['idle'] * 60 / args.idle_seconds / n:.3f} per ModelDeployment per minute)"
+          + (": " + ", ".join(f"{k} x{v}" for k, v in result["idle_kinds"].items()) if result["idle"] else ""))
     print(f"operator RSS: {result['rss'] / 2**20:.0f} MiB")
     print("the requests, most frequent first:")
     for kind, number in result["by_kind"]:
