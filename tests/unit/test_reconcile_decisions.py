@@ -155,3 +155,22 @@ def test_a_status_just_written_is_read_until_the_watch_brings_it_or_something_ne
     wrote_status(apis, version("12", "Pulling"), version("13", "Ready"))
     del seen[("ml", "m")]                                                      # deleted: never read back as written
     assert read_mdep(apis, "ml", "m") is None and apis.written == {}
+
+
+def test_a_resource_the_api_server_no_longer_has_is_not_read_from_a_stale_view():
+    """kopf keeps the index entry of a resource deleted while its watch was down (a re-list never removes): once a
+    fresh read or a status write got 404 for it, the view's copy is not used again (no Deployment made anew for a
+    resource that is gone, no retries for it for ever)."""
+    from modeldeploy.reconcile.children import Apis, read_mdep, went
+    from modeldeploy.reconcile.views import MDEPS, Views, slim
+
+    ghost = {"metadata": {"name": "m", "namespace": "ml", "uid": "u-1", "resourceVersion": "7",
+                          "managedFields": [{"manager": "kubectl"}]}}
+    apis = Apis.create()
+    apis.views = Views({MDEPS: {("ml", "m"): [slim(ghost)]}})
+    assert read_mdep(apis, "ml", "m")["metadata"] == {"name": "m", "namespace": "ml", "uid": "u-1",
+                                                      "resourceVersion": "7"}      # kept without managedFields
+    went(apis, ghost)
+    assert read_mdep(apis, "ml", "m") is None
+    apis.views.indexes[MDEPS][("ml", "m")] = [{"metadata": {**ghost["metadata"], "uid": "u-2"}}]
+    assert read_mdep(apis, "ml", "m")["metadata"]["uid"] == "u-2"                   # made again under that name

@@ -18,6 +18,7 @@ from modeldeploy.reconcile.hub_sizes import HubSizes
 from modeldeploy.reconcile.views import CLAIMS, MDEPS, PRUNE_JOBS, PULL_JOBS, PULL_PODS, Views
 
 FIELD_MANAGER = "modeldeploy"
+REQUEST_TIMEOUT = (10, 60)     # seconds: to connect, then to read the answer
 
 
 @dataclass
@@ -33,6 +34,9 @@ class Apis:
     latest_events: dict = field(default_factory=dict)        # (namespace, kind, name) -> (when, message)
     # (namespace, name) -> (resourceVersion written over, the resource as written): what the views show a moment late
     written: dict = field(default_factory=dict)
+    # UIDs the API server no longer has but a view may still show: kopf keeps index entries of objects deleted while
+    # its watch was down (a re-list after 410 Gone adds and updates, it never removes)
+    gone: set = field(default_factory=set)
 
     @classmethod
     def create(cls, api: client.ApiClient | None = None) -> "Apis":
@@ -51,6 +55,9 @@ class CountingClient(client.ApiClient):
 
     def call_api(self, method, *args, **kwargs):
         metrics.API_REQUESTS.labels(method).inc()
+        # Never an unbounded wait: a request lost on a half-open connection (an API server fail-over) would hold
+        # a worker, and whatever waits on it, for ever.
+        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
         return super().call_api(method, *args, **kwargs)
 
 
@@ -58,9 +65,9 @@ class Refused(Exception):
     """The API server refused a child as built (invalid): the spec cannot be served as it is."""
 
 
-def read_or_none(read, *args):
+def read_or_none(read, *args, **kwargs):
     try:
-        return read(*args)
+        return read(*args, **kwargs)
     except ApiException as error:
         if error.status == 404:
             return None
@@ -122,14 +129,25 @@ def pods_of(apis: Apis, namespace: str, selector: str) -> list[dict]:
 
 # -- reads through the views where kopf has them (views.py), else from the API server ---------------------------------
 def read_mdep(apis: Apis, namespace: str, name: str, fresh: bool = False) -> dict | None:
+    seen = apis.views.one(MDEPS, (namespace, name)) if apis.views else None
+    if seen is not None and seen["metadata"].get("uid") in apis.gone:
+        seen = None
     if apis.views and not fresh:
-        seen = apis.views.one(MDEPS, (namespace, name))
         over, written = apis.written.get((namespace, name), (None, None))
         if seen is not None and written is not None and seen["metadata"]["resourceVersion"] == over:
             return written        # the view still shows the version the operator's last status write replaced
         apis.written.pop((namespace, name), None)
         return seen
-    return read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+    live = read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+    if live is None and seen is not None:
+        went(apis, seen)
+    return live
+
+
+def went(apis: Apis, body: dict) -> None:
+    """The API server says this resource is gone while the view still has it: the view is not read for it again."""
+    apis.gone.add(body["metadata"].get("uid"))
+    apis.written.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
 
 
 def wrote_status(apis: Apis, over: dict, written: dict) -> None:

@@ -22,7 +22,7 @@ from modeldeploy.reconcile.children import Apis
 from modeldeploy.reconcile.garbage import key_or_none
 from modeldeploy.reconcile.reconciler import reconcile_by_name, reconcile_now, record
 from modeldeploy.reconcile.steps import cache_user
-from modeldeploy.reconcile.views import NAMES, Views, entries
+from modeldeploy.reconcile.views import NAMES, Views, entries, slim
 
 log = logging.getLogger("modeldeploy.operator")
 MDEP = (GROUP, VERSION, PLURAL)
@@ -51,7 +51,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 @kopf.index(*MDEP)
 def by_weights(namespace, name, body, memo, **_):
     key = key_or_none(body, memo.config)
-    return {(namespace, key): name} if key else None
+    return {(namespace, key): name} if key else {}      # {}, not None: None would keep an older entry
 
 
 @kopf.index(*MDEP)
@@ -60,16 +60,13 @@ def by_claim(namespace, name, body, memo, **_):
     try:
         spec = parse_spec(dict(body))
     except SpecError:
-        return None
+        return {}
     return {(namespace, spec.cache.claim_name): (name, cache_user(spec, memo.config))}
 
 
 def remember(memo, indexes: dict) -> None:
-    """kopf hands indexes to handlers only; the reconcile (also run by the refresher) reads these live views."""
-    if getattr(memo, "cache_users", None) is None:
-        by_claim = indexes["by_claim"]
-        memo.cache_users = lambda namespace, claim: [user for _, user in entries(by_claim, (namespace, claim))
-                                                     if user is not None]
+    """kopf hands indexes to handlers only; the reconcile (also run by the refresher) reads these live views. They go
+    on memo.apis, which every handler's copy of the memo shares (kopf gives each object a shallow copy)."""
     if memo.apis.views is None:
         memo.apis.views = Views({name: indexes[name] for name in NAMES})
 
@@ -77,27 +74,27 @@ def remember(memo, indexes: dict) -> None:
 # -- views: the objects as kopf's watches last saw them (views.py) ----------------------------------------------------
 @kopf.index(*MDEP)
 def mdeps(namespace, name, body, **_):
-    return {(namespace, name): dict(body)}
+    return {(namespace, name): slim(body)}
 
 
 @kopf.index("", "v1", "persistentvolumeclaims")
 def claims(namespace, name, body, **_):
-    return {(namespace, name): dict(body)}
+    return {(namespace, name): slim(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_WEIGHTS: kopf.PRESENT})
 def pull_jobs(namespace, name, body, **_):
-    return {(namespace, name): dict(body)}
+    return {(namespace, name): slim(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_COMPONENT: "prune", LABEL_CACHE: kopf.PRESENT})
 def prune_jobs(namespace, labels, body, **_):
-    return {(namespace, labels[LABEL_CACHE]): dict(body)}
+    return {(namespace, labels[LABEL_CACHE]): slim(body)}
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_WEIGHTS: kopf.PRESENT, "job-name": kopf.PRESENT})
 def pull_pods(namespace, labels, body, **_):
-    return {(namespace, labels["job-name"]): dict(body)}
+    return {(namespace, labels["job-name"]): slim(body)}
 
 
 # -- the resource's own events ----------------------------------------------------------------------------------------
@@ -115,8 +112,12 @@ def on_resource(type, body, namespace, name, memo, **kwargs):
         # operator, and start-up catches up on deletions it missed.
         record(memo, namespace, name, None)
         memo.apis.written.pop((namespace, name), None)
+        memo.apis.gone.discard(body["metadata"].get("uid"))
         memo.retries.pop((namespace, name), None)
-        garbage.collect(memo.apis, memo.config, namespace)
+        try:
+            garbage.collect(memo.apis, memo.config, namespace)
+        except Exception:       # kopf does not retry event handlers: the next deletion or start-up catches up
+            log.exception("collecting unused pull Jobs after %s/%s was deleted failed", namespace, name)
         return
     meta, status = body["metadata"], body.get("status") or {}
     if meta.get("deletionTimestamp"):
@@ -150,10 +151,10 @@ def collect_garbage_at_start(memo: kopf.Memo, **_) -> None:
 # -- children's events --------------------------------------------------------------------------------------------
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_WEIGHTS: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_WEIGHTS: kopf.PRESENT})
-def on_pull(namespace, labels, memo, by_weights: kopf.Index, **kwargs):
+def on_pull(type, namespace, labels, memo, by_weights: kopf.Index, **kwargs):
     remember(memo, kwargs)
     for name in entries(by_weights, (namespace, labels[LABEL_WEIGHTS])):
-        reconcile_by_name(memo, namespace, name)
+        reconcile_by_name(memo, namespace, name, fresh=type == "DELETED")
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/component": "prune", LABEL_CACHE: kopf.PRESENT})
@@ -164,9 +165,12 @@ def on_prune(type, body, memo, **_):
 
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_MDEP: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_MDEP: kopf.PRESENT})
-def on_serving(namespace, labels, memo, **kwargs):
+def on_serving(type, namespace, labels, memo, **kwargs):
+    """A child that went (say, the garbage collector removing what a deleted resource owned) is checked against
+    the resource as the API server has it, not only as the watch last saw it (views.py: a resource deleted while
+    the watch was down stays in kopf's view)."""
     remember(memo, kwargs)
-    reconcile_by_name(memo, namespace, labels[LABEL_MDEP])
+    reconcile_by_name(memo, namespace, labels[LABEL_MDEP], fresh=type == "DELETED")
 
 
 @kopf.on.event("", "v1", "persistentvolumeclaims")
@@ -179,9 +183,14 @@ def on_claim(type, namespace, name, body, memo, by_claim: kopf.Index, **kwargs):
         status.get("phase"), (status.get("capacity") or {}).get("storage"),
         ((body.get("spec") or {}).get("resources") or {}).get("requests", {}).get("storage"),
         tuple(sorted(c["type"] for c in status.get("conditions") or [] if c.get("status") == "True")))
-    if memo.claim_states.get((namespace, name)) == state:
+    known = memo.claim_states.get((namespace, name), "unseen")
+    if state is None:
+        memo.claim_states.pop((namespace, name), None)
+    else:
+        memo.claim_states[(namespace, name)] = state
+    # Unchanged, or first seen in the initial listing (every resource reconciles then anyway): no fan-out.
+    if known == state or (type is None and known == "unseen"):
         return
-    memo.claim_states[(namespace, name)] = state
     users = [mdep for mdep, _ in entries(by_claim, (namespace, name))]
     list(memo.fan_out.map(lambda mdep: reconcile_by_name(memo, namespace, mdep), users))
 
@@ -205,15 +214,21 @@ async def stop_progress_refresher(memo: kopf.Memo, **_) -> None:
 
 
 async def refresh_forever(memo) -> None:
-    loop, progress_at = asyncio.get_running_loop(), time.monotonic()
+    """Never waits for a reconcile: one stuck on a slow request must not hold back every other resource's turn."""
+    progress_at, running = time.monotonic(), {}
     while True:
         await asyncio.sleep(TICK_SECONDS)
-        now = time.monotonic()
-        due = {key for key, when in list(memo.retries.items()) if when <= now}
-        for key in due:
-            memo.retries.pop(key, None)      # a reconcile that still waits asks again
-        if now - progress_at >= PROGRESS_INTERVAL:
-            due |= set(memo.refreshing)
-            progress_at = now
-        await asyncio.gather(*(loop.run_in_executor(memo.fan_out, reconcile_by_name, memo, namespace, name)
-                               for namespace, name in sorted(due)))
+        try:
+            now = time.monotonic()
+            running = {key: future for key, future in running.items() if not future.done()}
+            due = {key for key, when in list(memo.retries.items()) if when <= now and key not in running}
+            for key in due:
+                memo.retries.pop(key, None)      # a reconcile that still waits asks again
+            if now - progress_at >= PROGRESS_INTERVAL:
+                due |= set(memo.refreshing) - set(running)
+                progress_at = now
+            for namespace, name in sorted(due):
+                # Fresh: the turn is the timer's, and a resource deleted while the watch was down must end here.
+                running[(namespace, name)] = memo.fan_out.submit(reconcile_by_name, memo, namespace, name, True)
+        except Exception:
+            log.exception("the refresher's turn failed; it goes on")

@@ -33,7 +33,8 @@ def reconcile(body, memo) -> Observation:
                 return Observation(generation=meta.get("generation", 1))
     else:
         observation = reconcile_as_read(body, memo)    # a third StaleRead reaches the caller, which retries
-    schedule(memo, meta["namespace"], meta["name"], observation.retry_delay if observation.retry else None)
+    waits = observation.retry and meta.get("uid") not in memo.apis.gone     # gone: its status write found it so
+    schedule(memo, meta["namespace"], meta["name"], observation.retry_delay if waits else None)
     return observation
 
 
@@ -67,7 +68,7 @@ def reconcile_as_read(body, memo) -> Observation:
     observation = Observation(generation=meta.get("generation", 1))
     started, result = time.monotonic(), "error"
     try:
-        observe(body, memo.apis, memo.config, observation, getattr(memo, "cache_users", None))
+        observe(body, memo.apis, memo.config, observation)
         try:
             status = write_status(memo.apis, body, observation, previous)
         except StaleRead:
@@ -104,13 +105,15 @@ def record(memo, namespace: str, name: str, status: dict | None, progress_in_log
             refreshing.discard((namespace, name))
 
 
-def reconcile_by_name(memo, namespace: str, name: str) -> None:
-    """From a child's event or the progress refresher: one ModelDeployment's trouble must not stop the others'."""
+def reconcile_by_name(memo, namespace: str, name: str, fresh: bool = False) -> None:
+    """From a child's event or the refresher: one ModelDeployment's trouble must not stop the others'. `fresh`:
+    read it from the API server (a GET), not from the watch's view."""
     try:
-        if (body := read_live(memo.apis, namespace, name)) is not None:
+        if (body := read_live(memo.apis, namespace, name, fresh)) is not None:
             reconcile(body, memo)
         else:
             record(memo, namespace, name, None)
+            schedule(memo, namespace, name, None)
     except Exception:
         log.exception("mdep %s/%s: reconcile (after a child's event, or refreshing progress) failed", namespace, name)
         schedule(memo, namespace, name, ERROR_RETRY_SECONDS)

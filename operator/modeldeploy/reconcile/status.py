@@ -99,7 +99,7 @@ def write_status(apis, body, observation: Observation, previous: list[dict]) -> 
 
     from modeldeploy.api import GROUP, PLURAL, VERSION
     from modeldeploy.reconcile import events, metrics
-    from modeldeploy.reconcile.children import wrote_status
+    from modeldeploy.reconcile.children import went, wrote_status
 
     status, changed = status_patch(observation, previous)
     meta = body["metadata"]
@@ -112,7 +112,8 @@ def write_status(apis, body, observation: Observation, previous: list[dict]) -> 
         wrote_status(apis, body, written)
     except ApiException as error:
         if error.status == 404:
-            return None   # deleted meanwhile
+            went(apis, body)      # deleted meanwhile (or while the watch was down: its view still had it)
+            return None
         if error.status == 409:
             raise StaleRead() from error
         raise

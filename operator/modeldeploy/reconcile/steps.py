@@ -9,7 +9,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -32,6 +31,7 @@ from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_abse
 from modeldeploy.reconcile.hub_sizes import PENDING, Query
 from modeldeploy.reconcile.pull_state import RESULT_ANNOTATION, PullState, pull_state, true_conditions
 from modeldeploy.reconcile.status import Observation
+from modeldeploy.reconcile.views import BY_CLAIM
 
 log = logging.getLogger("modeldeploy.operator")
 # How long a reconcile waits for a hub's listing before it says "Sizing" and looks again later: a reachable hub
@@ -40,11 +40,9 @@ HUB_ANSWER_SECONDS = 1.0
 EVENT_SECONDS = 4.0
 
 
-def observe(body, apis: Apis, config: OperatorConfig, o: Observation,
-            cache_users: Callable[[str, str], list[CacheUser]] | None = None) -> None:
-    """`cache_users(namespace, claim)`: every ModelDeployment using that cache (kopf's index)."""
+def observe(body, apis: Apis, config: OperatorConfig, o: Observation) -> None:
     spec = valid_spec(body, config, o)
-    users = cache_users(body["metadata"]["namespace"], spec.cache.claim_name) if spec and cache_users else []
+    users = cache_users(apis, body["metadata"]["namespace"], spec.cache.claim_name) if spec else []
     if spec is None or not cache_step(body, spec, apis, config, o, users):
         return
     pulled = weights_step(body, spec, apis, config, o)
@@ -180,6 +178,14 @@ class CacheUser:
     query: Query          # what the hub is asked for the sizes of its files
 
 
+def cache_users(apis: Apis, namespace: str, claim: str) -> list[CacheUser]:
+    """Every ModelDeployment on that cache, from kopf's index (none known without it: only the resource's own
+    weights then size the cache)."""
+    if apis.views is None:
+        return []
+    return [user for _, user in apis.views.values(BY_CLAIM, (namespace, claim)) if user is not None]
+
+
 def cache_user(spec: ModelDeploymentSpec, config: OperatorConfig) -> CacheUser | None:
     """None for a spec this operator refuses (another tenant's may name an endpoint the admin did not allow: that
     endpoint is never asked)."""
@@ -240,10 +246,11 @@ def latest_event(apis: Apis, namespace: str, kind: str, name: str) -> str | None
     found = apis.core.list_namespaced_event(
         namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}").items
     found.sort(key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
-    apis.latest_events[key] = (now, found[-1].message if found else None)
+    message = found[-1].message if found else None
     if len(apis.latest_events) > 10000:
         apis.latest_events.clear()
-    return apis.latest_events[key][1]
+    apis.latest_events[key] = (now, message)
+    return message
 
 
 # -- 2. the weights ---------------------------------------------------------------------------------------------------
@@ -282,7 +289,8 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
     pods = pull_pods(apis, namespace, job_name)
     state = pull_state(job, pods)
     if state.rerun:
-        apis.batch.delete_namespaced_job(job_name, namespace, propagation_policy="Background")
+        # The view may still show a Job deleted a moment ago: gone is what was wanted.
+        read_or_none(apis.batch.delete_namespaced_job, job_name, namespace, propagation_policy="Background")
         o.weights = (False, state.reason, state.message)
         o.retry, o.retry_delay = state.message, 2
         return None

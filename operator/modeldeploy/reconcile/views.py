@@ -11,7 +11,16 @@ from __future__ import annotations
 import kopf
 
 MDEPS, CLAIMS, PULL_JOBS, PRUNE_JOBS, PULL_PODS = "mdeps", "claims", "pull_jobs", "prune_jobs", "pull_pods"
-NAMES = (MDEPS, CLAIMS, PULL_JOBS, PRUNE_JOBS, PULL_PODS)
+BY_CLAIM = "by_claim"
+NAMES = (MDEPS, CLAIMS, PULL_JOBS, PRUNE_JOBS, PULL_PODS, BY_CLAIM)
+
+
+def slim(body) -> dict:
+    """What a view keeps of an object: all but managedFields (often most of a body; a view of every PVC in a large
+    cluster would otherwise hold them all)."""
+    body = dict(body)
+    body["metadata"] = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+    return body
 
 
 class Views:
