@@ -57,7 +57,8 @@ class CountingClient(client.ApiClient):
         metrics.API_REQUESTS.labels(method).inc()
         # Never an unbounded wait: a request lost on a half-open connection (an API server fail-over) would hold
         # a worker, and whatever waits on it, for ever.
-        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
+        if kwargs.get("_request_timeout") is None:      # the generated methods pass None when not given one
+            kwargs["_request_timeout"] = REQUEST_TIMEOUT
         return super().call_api(method, *args, **kwargs)
 
 
