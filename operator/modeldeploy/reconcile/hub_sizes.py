@@ -116,14 +116,14 @@ class HubSizes:
         self.slots: asyncio.Semaphore | None = None
 
     def selected_bytes(self, endpoint: str, repo_id: str, revision: str, files: list[str] | None,
-                       allow_pickle: bool, gguf: bool = False, wait: float = 0) -> int | None | Pending:
+                       allow_pickle: bool, gguf: bool = False) -> int | None | Pending:
+        return self.ask(Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle, gguf))
+
+    def ask(self, query: Query, wait: float = 0) -> int | None | Pending:
         """Bytes of the selected files if known; None if the hub will not tell (or cannot be reached); PENDING
         while a first lookup runs (it ends within the timeout). An answer past its time is still given while it is
         asked again, so a resource that was sized stays sized (no flapping). `wait`: seconds a first lookup may
         take before the caller hears PENDING (a hub that answers at once costs no retry)."""
-        return self.ask(Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle, gguf), wait)
-
-    def ask(self, query: Query, wait: float = 0) -> int | None | Pending:
         now = self.clock()
         with self.lock:
             unreachable = now - self.unreachable.get(query.endpoint, -UNREACHABLE_SECONDS) < UNREACHABLE_SECONDS

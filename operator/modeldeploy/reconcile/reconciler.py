@@ -17,8 +17,6 @@ from modeldeploy.reconcile.steps import observe
 log = logging.getLogger("modeldeploy.operator")
 STALE_READ_ATTEMPTS = 3
 PULLING_PHASES = ("Pending", "Pulling")
-
-
 ERROR_RETRY_SECONDS = 10
 
 

@@ -191,10 +191,7 @@ def cache_user(spec: ModelDeploymentSpec, config: OperatorConfig) -> CacheUser |
     endpoint is never asked)."""
     if spec.problems(config):
         return None
-    model = spec.model
-    return CacheUser(spec, weights_key(spec, config), Query(
-        endpoints.pull_endpoints(spec, config)[0], model.id, model.revision,
-        tuple(model.files) if model.files else None, model.allow_pickle, spec.runtime.engine == "llamacpp"))
+    return CacheUser(spec, weights_key(spec, config), hub_query(spec, config))
 
 
 def cache_needs(users: list[CacheUser], config: OperatorConfig, apis: Apis, own: ModelDeploymentSpec):
@@ -217,10 +214,14 @@ def hub_listed_bytes(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Ap
                      wait: float = HUB_ANSWER_SECONDS):
     """What the pull's first endpoint lists, asked without a token (a gated repository's sizes stay unknown: the
     pull pod, which holds the token, checks space itself)."""
+    return apis.hub_sizes.ask(hub_query(spec, config), wait)
+
+
+def hub_query(spec: ModelDeploymentSpec, config: OperatorConfig) -> Query:
+    """The files the pull will select, asked of its first endpoint."""
     model = spec.model
-    return apis.hub_sizes.selected_bytes(endpoints.pull_endpoints(spec, config)[0], model.id, model.revision,
-                                         model.files, model.allow_pickle, spec.runtime.engine == "llamacpp",
-                                         wait=wait)
+    return Query(endpoints.pull_endpoints(spec, config)[0], model.id, model.revision,
+                 tuple(model.files) if model.files else None, model.allow_pickle, spec.runtime.engine == "llamacpp")
 
 
 def estimated_cache_size(spec: ModelDeploymentSpec, config: OperatorConfig, apis: Apis):
