@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,16 +55,25 @@ def compare(paths: dict, clients: int, rounds: int, seconds: float, corpus: list
         print(f"  {name:8s} {result['texts_per_s']:7.1f} req/s  p50 {result['p50'] * 1000:7.2f} ms  "
               f"p99 {result['p99'] * 1000:7.2f} ms  ({result['errors']} errors; rounds "
               f"{', '.join(f'{r:.1f}' for r in result['round_rates'])} req/s)")
-    print(f"  gateway added: p50 {(through['p50'] - direct['p50']) * 1000:+.2f} ms, "
+    print(f"  gateway added, end to end: p50 {(through['p50'] - direct['p50']) * 1000:+.2f} ms, "
           f"p99 {(through['p99'] - direct['p99']) * 1000:+.2f} ms; throughput "
           f"{through['texts_per_s'] / direct['texts_per_s']:.3f}x direct")
+    print(f"  gateway added, per request (the client's time less the server's, from the gateway's Server-Timing): "
+          f"p50 {through['added_p50'] * 1000:.2f} ms, p99 {through['added_p99'] * 1000:.2f} ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="per path, per load, per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--separate-cores", action="store_true",
+                        help="the model server on core 0 (1 thread), the gateway and the load generator on core 1: "
+                        "the gateway off the model's cores, as in a cluster")
     args = parser.parse_args()
+    separate = args.separate_cores and len(os.sched_getaffinity(0)) >= 2
+    if args.separate_cores and not separate:
+        parser.error("--separate-cores needs two cores")
+    cores = sorted(os.sched_getaffinity(0))
 
     corpus = sentences(2048)
     cache = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -73,8 +83,12 @@ def main() -> None:
     commit = pull_into(cache, hub.url, MINILM)["commit"]
     hub.stop()
 
+    if separate:        # a child keeps the cores it was started on
+        os.sched_setaffinity(0, cores[:1])
     server = ServeProcess("--model", MINILM, "--revision", commit, "--cache-dir", str(cache), "--task",
-                          "feature-extraction", "--threads", "2").wait_ready()
+                          "feature-extraction", "--threads", "1" if separate else "2").wait_ready()
+    if separate:
+        os.sched_setaffinity(0, cores[1:2])
     stub_port, port = free_port(), free_port()
     stub_url = f"http://127.0.0.1:{stub_port}"
     stub_server = subprocess.Popen([sys.executable, "-c", STUB_SERVER, str(stub_port)])

@@ -1,13 +1,15 @@
 """End to end, the way a user installs it: `helm install` the chart with the project's images (built here), the
 operator runs in the cluster under the chart's namespaced RBAC (not admin), a ModelDeployment applied with kubectl
 on the CPU profile goes Ready, its two replicas share one download, an embeddings request through the Service's
-ClusterIP returns sentence-transformers' vector, the sidecars and the operator export metrics; deleting the
+ClusterIP returns sentence-transformers' vector, the chart's gateway answers it by name under its own RBAC, the
+sidecars and the operator export metrics; deleting the
 ModelDeployment and `helm uninstall` leave only what the documented policy keeps (the cache PVC, the CRD)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
 import urllib.request
 import uuid
 
@@ -147,6 +149,33 @@ def test_helm_install_to_an_answered_request_and_clean_removal(api_client, kubec
     assert ready[0].value == 1
     assert sum(s.value for s in samples(operator_metrics, "modeldeploy_operator_reconciles_total")
                if s.labels["result"] == "ok") > 0
+
+    # The chart's gateway, in its own pod under its own RBAC: the model listed and answered by name with the same
+    # vectors (and a Server-Timing header giving the server's share), an unknown name a 404 in OpenAI's shape.
+    gateway_pod = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/component=gateway").items[0]
+    gateway_account = f"system:serviceaccount:{namespace}:{gateway_pod.spec.service_account_name}"
+    for verb, resource, subresource, allowed in (
+            ("get", "secrets", "", "no"), ("list", "pods", "", "no"), ("watch", "endpoints", "", "yes"),
+            ("patch", "modeldeployments.modeldeploy.io", "status", "yes"),
+            ("patch", "modeldeployments.modeldeploy.io", "", "no")):
+        answer = kubectl(kubeconfig, "auth", "can-i", verb, resource, f"--subresource={subresource}", "-n",
+                         namespace, f"--as={gateway_account}")
+        assert answer.stdout.strip() == allowed, (verb, resource, subresource, answer.stdout)
+    gateway = f"http://{gateway_pod.status.pod_ip}:8080"
+    wait_for(lambda: [m["id"] for m in json.loads(get_json(f"{gateway}/v1/models"))["data"]] == [name], 60,
+             "the gateway to list the model")
+    request = urllib.request.Request(f"{gateway}/v1/embeddings", data=json.dumps({"model": name, "input": TEXTS})
+                                     .encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        through, timing = json.loads(response.read()), response.headers["Server-Timing"]
+    assert through["model"] == MINILM and timing.startswith("upstream;dur=")
+    assert np.abs(np.array([item["embedding"] for item in through["data"]]) - got).max() < 1e-5
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get_json(f"{gateway}/v1/embeddings", {"model": "no-such-model", "input": "x"})
+    assert refused.value.code == 404 and json.loads(refused.value.read())["error"]["type"] == "model_not_found"
+    answered = [s for s in samples(f"{gateway}/metrics", "modeldeploy_gateway_requests_total")
+                if s.labels["model_name"] == name and s.labels["code"] == "200"]
+    assert [s.value for s in answered] == [1.0]
 
     # A user names an unrelated Secret as the hub token. The operator cannot read it (no RBAC) and never sends a
     # Secret value anywhere; the pull pod, in the user's namespace, sends what the user named - to the allowed hub.

@@ -223,6 +223,22 @@ def test_two_models_answered_by_name_unknown_404_and_bad_bodies_400():
     with_gateway(scenario, Options(max_body_bytes=4096))
 
 
+def test_server_timing_gives_the_servers_share_of_an_answer():
+    async def scenario(gateway, url, client):
+        slow = Backend("slow")
+        gateway.set_model(Model("ns", "m", "org/m", ready=True))
+        gateway.set_addresses(("ns", "m"), [await slow.start()])
+        slow.gate.clear()
+        asyncio.get_running_loop().call_later(0.3, slow.gate.set)      # the server takes 0.3 s to answer
+        started = time.monotonic()
+        status, _, headers = await post(client, url, {"model": "m", "input": "x"})
+        total_ms = (time.monotonic() - started) * 1000
+        name, _, duration = headers["Server-Timing"].partition(";dur=")
+        assert status == 200 and name == "upstream" and 300 <= float(duration) <= total_ms
+
+    with_gateway(scenario)
+
+
 def test_requests_go_to_the_replica_with_the_fewest_in_flight():
     async def scenario(gateway, url, client):
         one, other = Backend("one"), Backend("other")

@@ -240,12 +240,16 @@ class Gateway:
         while (address := pool.pick(tried)) is not None:
             tried.add(address)
             pool.in_flight[address] += 1
+            sent = time.perf_counter()
             try:
                 async with self.session.post(f"http://{address}{request.path}", data=payload,
                                              headers={"Content-Type": "application/json"}) as upstream:
                     headers = {k: upstream.headers[k] for k in PASSED_BACK if k in upstream.headers}
                     if upstream.content_type != "text/event-stream":
-                        return web.Response(status=upstream.status, body=await upstream.read(), headers=headers)
+                        body = await upstream.read()
+                        # What the server took, as the gateway saw it: a client tells the gateway's share from it.
+                        headers["Server-Timing"] = f"upstream;dur={(time.perf_counter() - sent) * 1000:.3f}"
+                        return web.Response(status=upstream.status, body=body, headers=headers)
                     return await self.relay_stream(request, upstream, headers)
             except aiohttp.ClientConnectorError:
                 log.warning("%s: connection refused, trying another replica", address)
