@@ -1,25 +1,37 @@
 """Gateway benchmark: what `modeldeploy gateway` adds to a request, against calling the model's server directly, side
 by side in one run on this machine. One `modeldeploy serve` of all-MiniLM-L6-v2 (the pod; 2 torch threads), one
-`modeldeploy gateway` routing to it (--static-model: the same proxy path as in the cluster, without the watch), the
-load generator in this process, all on the same cores. The two paths take turns, round after round, so that the
-machine's drift falls on both.
+`modeldeploy gateway` routing to it (--static-model: the same proxy path as in the cluster, without the watch). The
+two paths take turns, round after round, so that the machine's drift falls on both.
 
-Loads: single-text embedding requests from 64 concurrent clients (the target: <= 2 ms p50 added, >= 0.9x direct
-throughput), and from 1 client (no queueing). Then the same against a stub server answering a fixed 384-float
-embedding at once (no model): the gateway's own cost per request, and how many requests a second it can forward
-here at most, with nothing else competing for the cores.
+Loads, single-text embedding requests:
+- 64 in flight: 63 kept by wrk (C, so that the load generator takes little of the cores) and one probe from this
+  process, which times each of its requests and reads the gateway's Server-Timing (the server's share): the
+  gateway's added time per request is the probe's time less the server's (the target: <= 2 ms p50 added, >= 0.9x
+  direct throughput). End to end, at 64 in flight, latency follows throughput: the p50 difference says more about
+  the machine's drift than about the gateway.
+- 1 client (no queueing), from this process.
+- Then a stub server answering a fixed 384-float embedding at once (no model): the gateway's own cost per request,
+  and how many requests a second it can forward here at most.
 
-    .venv/bin/python bench/gateway_bench.py [--seconds 10] [--rounds 3]
+With --separate-cores the model server gets core 0 (1 thread) and the gateway and the load core 1: the gateway off
+the model's cores, as in a cluster where it runs in a pod of its own. wrk: Debian's `wrk` (hack/install-deps.sh).
+
+    .venv/bin/python bench/gateway_bench.py [--seconds 10] [--rounds 3] [--separate-cores]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -62,6 +74,67 @@ def compare(paths: dict, clients: int, rounds: int, seconds: float, corpus: list
           f"p50 {through['added_p50'] * 1000:.2f} ms, p99 {through['added_p99'] * 1000:.2f} ms")
 
 
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = {body}
+"""
+
+
+async def probe(url: str, body: dict, seconds: float) -> tuple[list[float], list[float]]:
+    """One request at a time: each one's time, and (through the gateway) that time less the server's share."""
+    import aiohttp
+
+    times, added = [], []
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            async with session.post(f"{url}/v1/embeddings", json=body) as response:
+                await response.read()
+                timing = response.headers.get("Server-Timing", "")
+            times.append(time.monotonic() - started)
+            if timing.startswith("upstream;dur="):
+                added.append(times[-1] - float(timing.removeprefix("upstream;dur=")) / 1000)
+    return times, added
+
+
+def wrk_with_probe(paths: dict, rounds: int, seconds: float, text: str) -> None:
+    """64 in flight per path: wrk keeps 63, the probe one; the paths take turns."""
+    scripts, results = {}, {name: {"rates": [], "wrk_p50": [], "times": [], "added": []} for name in paths}
+    folder = Path(tempfile.mkdtemp(prefix="gateway-bench-wrk-"))
+    for name, (url, extra) in paths.items():
+        scripts[name] = folder / f"{name}.lua"
+        scripts[name].write_text(WRK_SCRIPT.format(body=json.dumps(json.dumps({"input": text, **extra}))))
+    for _ in range(rounds):
+        for name, (url, extra) in paths.items():
+            wrk = subprocess.Popen(["wrk", "-t1", "-c63", f"-d{seconds:g}s", "--latency", "--timeout", "60s", "-s",
+                                    str(scripts[name]), f"{url}/v1/embeddings"], stdout=subprocess.PIPE, text=True)
+            times, added = asyncio.run(probe(url, {"input": text, **extra}, seconds - 1))
+            report = wrk.communicate()[0]
+            result = results[name]
+            result["rates"].append(float(re.search(r"Requests/sec:\s+([\d.]+)", report).group(1)))
+            result["wrk_p50"].append(re.search(r"\s50%\s+(\S+)", report).group(1))
+            result["times"] += times
+            result["added"] += added
+    print(f"all-MiniLM-L6-v2 server, single text x 64 in flight (wrk 63 + 1 probe), {rounds} rounds of {seconds:g} s "
+          "per path:")
+    for name, result in results.items():
+        times = sorted(result["times"])
+        print(f"  {name:8s} {statistics.mean(result['rates']):7.1f} req/s (rounds "
+              f"{', '.join(f'{r:.1f}' for r in result['rates'])}; wrk's p50 {', '.join(result['wrk_p50'])})  "
+              f"probe p50 {statistics.median(times) * 1000:7.2f} ms  p99 {percentile(times, 0.99) * 1000:7.2f} ms "
+              f"({len(times)} probes)")
+    added = sorted(results["gateway"]["added"])
+    rate = statistics.mean(results["gateway"]["rates"]) / statistics.mean(results["direct"]["rates"])
+    print(f"  gateway added, per request (the probe's time less the server's, from the gateway's Server-Timing): "
+          f"p50 {statistics.median(added) * 1000:.2f} ms, p99 {percentile(added, 0.99) * 1000:.2f} ms; "
+          f"throughput {rate:.3f}x direct")
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    return ordered[int(fraction * (len(ordered) - 1))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="per path, per load, per round")
@@ -74,6 +147,8 @@ def main() -> None:
     if args.separate_cores and not separate:
         parser.error("--separate-cores needs two cores")
     cores = sorted(os.sched_getaffinity(0))
+    if not shutil.which("wrk"):
+        parser.error("needs wrk (Debian's package; hack/install-deps.sh installs it)")
 
     corpus = sentences(2048)
     cache = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -107,8 +182,8 @@ def main() -> None:
         paths = {"direct": (server.url, {}), "gateway": (gateway_url, {"model": "minilm"})}
         for url, extra in paths.values():      # warm both paths (connections, the model's first passes)
             asyncio.run(load(url, 8, 1, 2, corpus, extra))
-        for clients in (64, 1):
-            compare(paths, clients, args.rounds, args.seconds, corpus, "all-MiniLM-L6-v2 server")
+        wrk_with_probe(paths, args.rounds, args.seconds, corpus[0])
+        compare(paths, 1, args.rounds, args.seconds, corpus, "all-MiniLM-L6-v2 server")
         server.stop()
         stub = {"direct": (stub_url, {}), "gateway": (gateway_url, {"model": "stub"})}
         asyncio.run(load(stub_url, 8, 1, 1, corpus))

@@ -5,7 +5,8 @@ set -euo pipefail
 
 packages=(etcd-server golang-go rsync jq containerd runc containernetworking-plugins podman iptables openssl gcc
           golang-github-modern-go-reflect2-dev conntrack iproute2 unzip busybox-static
-          tinyproxy)   # tinyproxy: the real forward proxy the puller tests go through
+          tinyproxy    # the real forward proxy the puller tests go through
+          wrk)         # the load generator of bench/gateway_bench.py
 
 missing=()
 for p in "${packages[@]}"; do
