@@ -82,7 +82,7 @@ async def load(url: str, clients: int, texts_per_request: int, seconds: float, c
     import aiohttp
 
     latencies: list[float] = []
-    upstream: list[float] = []      # a gateway's Server-Timing: the server's part of each latency, as it saw it
+    added: list[float] = []         # through a gateway: each latency less the server's part (its Server-Timing)
     errors = 0
     deadline = time.monotonic() + seconds
 
@@ -100,14 +100,17 @@ async def load(url: str, clients: int, texts_per_request: int, seconds: float, c
                 timing = response.headers.get("Server-Timing", "")
             latencies.append(time.monotonic() - started)
             if timing.startswith("upstream;dur="):
-                upstream.append(float(timing.removeprefix("upstream;dur=")) / 1000)
+                added.append(latencies[-1] - float(timing.removeprefix("upstream;dur=")) / 1000)
 
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
         await asyncio.gather(*(client(i, session) for i in range(clients)))
     return {"latencies": latencies, "texts": len(latencies) * texts_per_request, "errors": errors,
-            "seconds": time.monotonic() - started,
-            "added": [total - server for total, server in zip(latencies, upstream)] if upstream else []}
+            "seconds": time.monotonic() - started, "added": added}
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    return ordered[int(fraction * (len(ordered) - 1))]
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -116,9 +119,9 @@ def summarize(runs: list[dict]) -> dict:
     latencies = sorted(x for run in runs for x in run["latencies"])
     added = sorted(x for run in runs for x in run.get("added", []))
     return {"texts_per_s": sum(run["texts"] for run in runs) / sum(run["seconds"] for run in runs),
-            "p50": statistics.median(latencies), "p99": latencies[int(0.99 * (len(latencies) - 1))],
+            "p50": statistics.median(latencies), "p99": percentile(latencies, 0.99),
             "added_p50": statistics.median(added) if added else None,
-            "added_p99": added[int(0.99 * (len(added) - 1))] if added else None,
+            "added_p99": percentile(added, 0.99) if added else None,
             "errors": sum(run["errors"] for run in runs),
             "round_rates": [run["texts"] / run["seconds"] for run in runs]}
 

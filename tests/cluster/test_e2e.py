@@ -2,8 +2,8 @@
 operator runs in the cluster under the chart's namespaced RBAC (not admin), a ModelDeployment applied with kubectl
 on the CPU profile goes Ready, its two replicas share one download, an embeddings request through the Service's
 ClusterIP returns sentence-transformers' vector, the chart's gateway answers it by name under its own RBAC, the
-sidecars and the operator export metrics; deleting the
-ModelDeployment and `helm uninstall` leave only what the documented policy keeps (the cache PVC, the CRD)."""
+sidecars and the operator export metrics; deleting the ModelDeployment and `helm uninstall` leave only what the
+documented policy keeps (the cache PVC, the CRD)."""
 
 from __future__ import annotations
 
@@ -150,8 +150,9 @@ def test_helm_install_to_an_answered_request_and_clean_removal(api_client, kubec
     assert sum(s.value for s in samples(operator_metrics, "modeldeploy_operator_reconciles_total")
                if s.labels["result"] == "ok") > 0
 
-    # The chart's gateway, in its own pod under its own RBAC: the model listed and answered by name with the same
-    # vectors (and a Server-Timing header giving the server's share), an unknown name a 404 in OpenAI's shape.
+    # The chart's gateway, in its own pod under its own RBAC, through its Service: the model listed and answered by
+    # name with the same vectors (and a Server-Timing header giving the server's share), an unknown name a 404 in
+    # OpenAI's shape, both counted.
     gateway_pod = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/component=gateway").items[0]
     gateway_account = f"system:serviceaccount:{namespace}:{gateway_pod.spec.service_account_name}"
     for verb, resource, subresource, allowed in (
@@ -160,8 +161,10 @@ def test_helm_install_to_an_answered_request_and_clean_removal(api_client, kubec
             ("patch", "modeldeployments.modeldeploy.io", "", "no")):
         answer = kubectl(kubeconfig, "auth", "can-i", verb, resource, f"--subresource={subresource}", "-n",
                          namespace, f"--as={gateway_account}")
-        assert answer.stdout.strip() == allowed, (verb, resource, subresource, answer.stdout)
-    gateway = f"http://{gateway_pod.status.pod_ip}:8080"
+        # stderr: kubectl warns, and says no, for a resource it does not know
+        assert (answer.stdout.strip(), answer.stderr) == (allowed, ""), (verb, resource, subresource, answer)
+    gateway_service = core.read_namespaced_service(f"{RELEASE}-modeldeploy-gateway", namespace)
+    gateway = f"http://{gateway_service.spec.cluster_ip}:{gateway_service.spec.ports[0].port}"
     wait_for(lambda: [m["id"] for m in json.loads(get_json(f"{gateway}/v1/models"))["data"]] == [name], 60,
              "the gateway to list the model")
     request = urllib.request.Request(f"{gateway}/v1/embeddings", data=json.dumps({"model": name, "input": TEXTS})
@@ -173,9 +176,9 @@ def test_helm_install_to_an_answered_request_and_clean_removal(api_client, kubec
     with pytest.raises(urllib.error.HTTPError) as refused:
         get_json(f"{gateway}/v1/embeddings", {"model": "no-such-model", "input": "x"})
     assert refused.value.code == 404 and json.loads(refused.value.read())["error"]["type"] == "model_not_found"
-    answered = [s for s in samples(f"{gateway}/metrics", "modeldeploy_gateway_requests_total")
-                if s.labels["model_name"] == name and s.labels["code"] == "200"]
-    assert [s.value for s in answered] == [1.0]
+    counted = {(s.labels["model_name"], s.labels["code"]): s.value
+               for s in samples(f"{gateway}/metrics", "modeldeploy_gateway_requests_total")}
+    assert counted == {(name, "200"): 1.0, ("", "404"): 1.0}
 
     # A user names an unrelated Secret as the hub token. The operator cannot read it (no RBAC) and never sends a
     # Secret value anywhere; the pull pod, in the user's namespace, sends what the user named - to the allowed hub.

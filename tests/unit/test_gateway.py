@@ -229,9 +229,13 @@ def test_server_timing_gives_the_servers_share_of_an_answer():
         gateway.set_model(Model("ns", "m", "org/m", ready=True))
         gateway.set_addresses(("ns", "m"), [await slow.start()])
         slow.gate.clear()
-        asyncio.get_running_loop().call_later(0.3, slow.gate.set)      # the server takes 0.3 s to answer
         started = time.monotonic()
-        status, _, headers = await post(client, url, {"model": "m", "input": "x"})
+        answer = asyncio.ensure_future(post(client, url, {"model": "m", "input": "x"}))
+        while not slow.in_flight:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)                # the server holds the request 0.3 s at least
+        slow.gate.set()
+        status, _, headers = await answer
         total_ms = (time.monotonic() - started) * 1000
         name, _, duration = headers["Server-Timing"].partition(";dur=")
         assert status == 200 and name == "upstream" and 300 <= float(duration) <= total_ms
