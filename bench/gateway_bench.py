@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -80,30 +79,6 @@ wrk.body = {body}
 """
 
 
-async def probe(url: str, body: dict, clients: int, seconds: float) -> tuple[list[float], list[float]]:
-    """`clients` loops of one request at a time: each request's time, and (through the gateway) that time less the
-    server's share."""
-    import aiohttp
-
-    times, added = [], []
-    deadline = time.monotonic() + seconds
-
-    async def one_client(session) -> None:
-        while time.monotonic() < deadline:
-            started = time.monotonic()
-            async with session.post(f"{url}/v1/embeddings", json=body) as response:
-                await response.read()
-                assert response.status == 200, response.status
-                timing = response.headers.get("Server-Timing", "")
-            times.append(time.monotonic() - started)
-            if timing.startswith("upstream;dur="):
-                added.append(times[-1] - float(timing.removeprefix("upstream;dur=")) / 1000)
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(one_client(session) for _ in range(clients)))
-    return times, added
-
-
 def wrk_with_probes(paths: dict, rounds: int, seconds: int, text: str, probes: int = 8) -> None:
     """64 in flight per path: wrk keeps 64 - `probes`, the probes the rest; the paths take turns."""
     results = {name: {"rates": [], "wrk_p50": [], "times": [], "added": []} for name in paths}
@@ -111,23 +86,25 @@ def wrk_with_probes(paths: dict, rounds: int, seconds: int, text: str, probes: i
         scripts = {}
         for name, (url, extra) in paths.items():
             scripts[name] = Path(folder) / f"{name}.lua"
-            # A JSON string is also a valid Lua string: the body, quoted once more.
-            scripts[name].write_text(WRK_SCRIPT.format(body=json.dumps(json.dumps({"input": text, **extra}))))
+            # A JSON string is also a valid Lua string: the body (as load() sends it), quoted once more.
+            scripts[name].write_text(WRK_SCRIPT.format(body=json.dumps(json.dumps({"input": [text], **extra}))))
         for _ in range(rounds):
             for name, (url, extra) in paths.items():
                 wrk = subprocess.Popen(["wrk", "-t1", f"-c{64 - probes}", f"-d{seconds}s", "--latency", "--timeout",
                                         "60s", "-s", str(scripts[name]), f"{url}/v1/embeddings"],
                                        stdout=subprocess.PIPE, text=True)
                 # The probes stop a second early, so that all of their requests meet wrk's full load.
-                times, added = asyncio.run(probe(url, {"input": text, **extra}, probes, seconds - 1))
+                probed = asyncio.run(load(url, probes, 1, seconds - 1, [text], extra))
                 report = wrk.communicate()[0]
+                if probed["errors"]:
+                    sys.exit(f"{probed['errors']} of the probes' requests failed ({name})")
                 rate, p50 = (re.search(r"Requests/sec:\s+([\d.]+)", report), re.search(r"\s50%\s+(\S+)", report))
                 if wrk.returncode or not rate or not p50 or re.search(r"Non-2xx|Socket errors", report):
                     sys.exit(f"wrk failed or had errors ({name}):\n{report}")
                 results[name]["rates"].append(float(rate.group(1)))
                 results[name]["wrk_p50"].append(p50.group(1))
-                results[name]["times"] += times
-                results[name]["added"] += added
+                results[name]["times"] += probed["latencies"]
+                results[name]["added"] += probed["added"]
     print(f"all-MiniLM-L6-v2 server, single text x 64 in flight (wrk {64 - probes} + {probes} probes), {rounds} "
           f"rounds of {seconds} s per path:")
     for name, result in results.items():

@@ -14,19 +14,25 @@ from aiohttp import web
 
 from modeldeploy.pull.selection import select
 from modeldeploy.reconcile import hub_sizes
-from modeldeploy.reconcile.hub_sizes import LISTING_SECONDS, PENDING, UNREACHABLE_SECONDS, HubSizes
+from modeldeploy.reconcile.hub_sizes import LISTING_SECONDS, PENDING, UNREACHABLE_SECONDS, HubSizes, Query
 from tests.helpers import BlackHole, free_port, wait_for
 from tests.hubserver import HubServer, Repo, RepoFile
 from tests.models import MINILM, TINY_GGUF, build_gguf_llama, minilm_dir
 
 
+def selected(sizes: HubSizes, endpoint: str, repo_id: str, revision: str, files: list[str] | None,
+             allow_pickle: bool, gguf: bool = False):
+    """What the hub is asked for a pull of these files (steps.hub_query builds the same from a spec)."""
+    return sizes.ask(Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle, gguf))
+
+
 def answer(sizes: HubSizes, *query, timeout: float = 30):
     """Asks until the lookup ends (the operator asks again on its next reconcile)."""
-    first = sizes.selected_bytes(*query)
+    first = selected(sizes, *query)
     if first is not PENDING:
         return first
     sizes.wait(timeout)
-    return sizes.selected_bytes(*query)
+    return selected(sizes, *query)
 
 
 def test_sizes_are_asked_once_without_a_token_and_a_refusal_concerns_one_model():
@@ -40,13 +46,13 @@ def test_sizes_are_asked_once_without_a_token_and_a_refusal_concerns_one_model()
     now = [0.0]
     sizes = HubSizes(clock=lambda: now[0])
     try:
-        assert sizes.selected_bytes(hub.url, MINILM, "main", None, False) is PENDING   # never waits
+        assert selected(sizes, hub.url, MINILM, "main", None, False) is PENDING   # never waits
         sizes.wait(30)
-        assert sizes.selected_bytes(hub.url, MINILM, "main", None, False) == expected
+        assert selected(sizes, hub.url, MINILM, "main", None, False) == expected
         assert answer(sizes, hub.url, MINILM, "main", ["*.json"], False) < expected
         assert hub.requests[("GET", "tree")] == 2
         now[0] += LISTING_SECONDS + 1                       # a branch can move: asked again after a while,
-        assert sizes.selected_bytes(hub.url, MINILM, "main", None, False) == expected   # the old answer meanwhile
+        assert selected(sizes, hub.url, MINILM, "main", None, False) == expected   # the old answer meanwhile
         sizes.wait(30)
         assert hub.requests[("GET", "tree")] == 3
         assert set(hub.auth_seen) == {None}                 # the operator sends no token, ever
@@ -67,15 +73,15 @@ def test_a_hub_that_never_answers_costs_one_bounded_lookup_and_is_then_left_alon
     now = [0.0]
     sizes = HubSizes(clock=lambda: now[0], timeout=1.0)
     try:
-        assert sizes.selected_bytes(hole.url, "org/a", "main", None, False) is PENDING
-        assert sizes.selected_bytes(hole.url, "org/b", "main", None, False) is PENDING
+        assert selected(sizes, hole.url, "org/a", "main", None, False) is PENDING
+        assert selected(sizes, hole.url, "org/b", "main", None, False) is PENDING
         wait_for(lambda: len(hole.held) == 2, 10, "both lookups to connect")
         sizes.wait(10)
         assert not sizes.running                            # the timeout ended both
-        assert sizes.selected_bytes(hole.url, "org/c", "main", None, False) is None   # left alone
+        assert selected(sizes, hole.url, "org/c", "main", None, False) is None   # left alone
         assert len(hole.held) == 2
         now[0] += UNREACHABLE_SECONDS + 1
-        assert sizes.selected_bytes(hole.url, "org/c", "main", None, False) is PENDING
+        assert selected(sizes, hole.url, "org/c", "main", None, False) is PENDING
     finally:
         hole.stop()
         sizes.wait(10)

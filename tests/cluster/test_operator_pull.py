@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile import metrics
 from modeldeploy.reconcile.children import Apis
+from modeldeploy.reconcile.hub_sizes import Query
 from modeldeploy.reconcile.reconciler import reconcile, reconcile_by_name
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, mdep  # noqa: F401 (crd: fixture)
 from tests.helpers import operator_process, wait_for
@@ -256,7 +257,7 @@ def test_two_reconciles_of_one_read_write_and_post_once(api_client, namespace, c
     reconcile_by_name(memo, namespace, "twice")       # creates the cache PVC
     wait_for(lambda: core.read_namespaced_persistent_volume_claim("tiny", namespace).status.phase == "Bound", 60,
              "the cache PVC to bind")
-    memo.apis.hub_sizes.selected_bytes(hub.url, MINILM, "main", None, False)   # the space check's answer, in advance
+    memo.apis.hub_sizes.ask(Query(hub.url, MINILM, "main", None, False, False))   # the space check's answer, early
     memo.apis.hub_sizes.wait(30)
     conflicts = REGISTRY.get_sample_value("modeldeploy_operator_reconciles_total", {"result": "conflict"}) or 0
     read = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "twice")

@@ -115,10 +115,6 @@ class HubSizes:
         self.session: aiohttp.ClientSession | None = None
         self.slots: asyncio.Semaphore | None = None
 
-    def selected_bytes(self, endpoint: str, repo_id: str, revision: str, files: list[str] | None,
-                       allow_pickle: bool, gguf: bool = False) -> int | None | Pending:
-        return self.ask(Query(endpoint, repo_id, revision, tuple(files) if files else None, allow_pickle, gguf))
-
     def ask(self, query: Query, wait: float = 0) -> int | None | Pending:
         """Bytes of the selected files if known; None if the hub will not tell (or cannot be reached); PENDING
         while a first lookup runs (it ends within the timeout). An answer past its time is still given while it is
