@@ -29,7 +29,7 @@ ARG LOONG64_BASE_IMAGE=lcr.loongnix.cn/library/python:3.11
 ARG PIP_ARGS=--no-index
 ARG TORCH_SPEC=torch==2.13.0
 ARG DEBIAN_IMAGE=docker.io/library/debian:sid
-ARG DEBIAN_OPERATOR_PACKAGES="ca-certificates python3 python3-pip python3-pydantic python3-kubernetes python3-yaml python3-aiohttp python3-prometheus-client python3-huggingface-hub python3-filelock python3-click python3-iso8601 python3-pythonjsonlogger python3-jsonpatch python3-typing-extensions"
+ARG DEBIAN_OPERATOR_PACKAGES="ca-certificates python3 python3-pip python3-pydantic python3-kubernetes python3-yaml python3-aiohttp python3-httptools python3-prometheus-client python3-huggingface-hub python3-filelock python3-click python3-iso8601 python3-pythonjsonlogger python3-jsonpatch python3-typing-extensions"
 ARG DEBIAN_LLAMACPP_PACKAGES="llama.cpp"
 ARG APT_INSTALL=1
 

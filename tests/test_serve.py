@@ -38,8 +38,11 @@ def test_embeddings_match_sentence_transformers_through_the_openai_client(embedd
     cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.min() >= 0.999, cosine
     assert response.usage.prompt_tokens > len(TEXTS)
-    floats = client.embeddings.create(model=MINILM, input="ok", encoding_format="float").data[0].embedding
+    raw = client.embeddings.with_raw_response.create(model=MINILM, input="ok", encoding_format="float")
+    floats = raw.parse().data[0].embedding
     assert np.allclose(floats, ours[-1], atol=1e-5)
+    name, _, milliseconds = raw.headers["Server-Timing"].partition(";dur=")      # the server's own share
+    assert name == "serve" and 0 < float(milliseconds) < 60_000
 
 
 def test_kserve_v2_protocol(embedder):
@@ -207,6 +210,7 @@ def test_completions_chat_and_streaming_through_the_openai_client(generator):
                                          temperature=0, stream=True)
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks) == choice.text    # greedy: the same text, in pieces
+    assert "Server-Timing" not in streamed.response.headers      # sent before the time is known
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
 
     chat = client.chat.completions.create(model=TINY_GENERATOR, messages=[{"role": "user", "content": "hello"}],

@@ -4,7 +4,8 @@ the autoscaler's recommendations. The operator's half (spec.autoscaling -> repli
 
 Bad inputs tried: a body that is no JSON, a JSON array, no `model`, a number as `model`, an unknown model, a name in
 two namespaces, a body over the size limit, more held requests than the queue takes, a hold that times out, a
-replica that refuses connections, a stream its server cuts, maxReplicas below minReplicas."""
+replica that refuses connections, a stream its server cuts, a server slower than the request timeout, maxReplicas
+below minReplicas."""
 
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ class Backend:
 
     def __init__(self, name: str):
         self.name, self.seen, self.in_flight = name, [], 0
+        self.timing = ""                # a Server-Timing header of the server's own
         self.gate = asyncio.Event()
         self.gate.set()
         self.chunks: asyncio.Queue = asyncio.Queue()
@@ -146,7 +148,8 @@ class Backend:
         if body.get("input") == "fail":
             return web.json_response({"error": {"message": "bad", "type": "x", "param": None, "code": 400}},
                                      status=400)
-        return web.json_response({"object": "list", "server": self.name, "model": body["model"]})
+        return web.json_response({"object": "list", "server": self.name, "model": body["model"]},
+                                 headers={"Server-Timing": self.timing} if self.timing else None)
 
     async def chat(self, request):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -223,7 +226,7 @@ def test_two_models_answered_by_name_unknown_404_and_bad_bodies_400():
     with_gateway(scenario, Options(max_body_bytes=4096))
 
 
-def test_server_timing_gives_the_servers_share_of_an_answer():
+def test_server_timing_gives_the_servers_share_of_an_answer_after_the_servers_own():
     async def scenario(gateway, url, client):
         slow = Backend("slow")
         gateway.set_model(Model("ns", "m", "org/m", ready=True))
@@ -239,6 +242,10 @@ def test_server_timing_gives_the_servers_share_of_an_answer():
         total_ms = (time.monotonic() - started) * 1000
         name, _, duration = headers["Server-Timing"].partition(";dur=")
         assert status == 200 and name == "upstream" and 300 <= float(duration) <= total_ms
+        slow.timing = "serve;dur=12.5"          # modeldeploy serve's own entry goes first
+        _, _, headers = await post(client, url, {"model": "m", "input": "x"})
+        server, gateway = headers["Server-Timing"].split(", ")
+        assert server == "serve;dur=12.5" and gateway.startswith("upstream;dur=")
 
     with_gateway(scenario)
 
@@ -341,6 +348,22 @@ def test_holding_is_bounded_in_number_and_time():
             assert status == 503 and headers["Retry-After"] and "became ready within 0.3 s" in body["error"]["message"]
 
     with_gateway(scenario, Options(max_held=2, hold_timeout=0.3))
+
+
+def test_a_server_past_the_request_timeout_is_a_504_and_its_connection_is_not_reused():
+    async def scenario(gateway, url, client):
+        backend = Backend("slow")
+        gateway.set_model(Model("ns", "m", "org/m", ready=True))
+        address = await backend.start()
+        gateway.set_addresses(("ns", "m"), [address])
+        backend.gate.clear()
+        status, body, _ = await post(client, url, {"model": "m", "input": "x"})
+        assert status == 504 and body["error"]["type"] == "timeout" and "0.3 s" in body["error"]["message"]
+        assert not gateway.upstreams.idle.get(address)      # mid-answer: closed, not given back
+        backend.gate.set()
+        assert (await post(client, url, {"model": "m", "input": "x"}))[0] == 200
+
+    with_gateway(scenario, Options(request_timeout=0.3))
 
 
 def test_a_fresh_list_replaces_what_the_watch_knew():

@@ -39,3 +39,13 @@ class GatewayMetrics:
                                 registry=r)
         self.ready_pods = Gauge("modeldeploy_gateway_ready_replicas", "Ready addresses the gateway routes to",
                                 labels, registry=r)
+        self.children: dict = {}
+
+    def child(self, metric, *labels):
+        """`metric.labels(*labels)`, remembered: labels() checks and locks on every call, and the gateway asks for
+        several on every request."""
+        key = (id(metric), labels)
+        found = self.children.get(key)
+        if found is None:
+            found = self.children[key] = metric.labels(*labels)
+        return found

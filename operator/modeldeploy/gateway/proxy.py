@@ -12,21 +12,21 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modeldeploy.gateway.autoscaler import Decision, Recommender
 from modeldeploy.gateway.metrics import GatewayMetrics
 from modeldeploy.gateway.routing import Key, Model, Pool, public_names, resolve
+from modeldeploy.gateway.upstream import Answer, Upstreams, UpstreamError
 from modeldeploy.reconcile.status import now as timestamp
 from modeldeploy.serve.app import error_body, error_response, from_aiohttp
 from modeldeploy.serve.errors import BadInput, ModelNotFound, NotReady, QueueFull, ServeError, TimedOut
-from modeldeploy.serve.requests import Limits, OpenAIRequest
+from modeldeploy.serve.requests import Limits
 
 log = logging.getLogger("modeldeploy.gateway")
 ROUTES = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/classify")
-PASSED_BACK = ("Content-Type", "Retry-After", "Allow")
+PASSED_BACK = ("Content-Type", "Retry-After", "Allow")     # of a server's headers, the ones a client needs
 MODEL = web.RequestKey("model", tuple)      # the model's (namespace, name) once known, for the metrics
 
 
@@ -58,7 +58,7 @@ class Gateway:
         self.pools: dict[Key, Pool] = {}
         self.recommenders: dict[Key, Recommender] = {}
         self.synced = asyncio.Event()        # set once the watches listed what exists
-        self.session: aiohttp.ClientSession | None = None
+        self.upstreams = Upstreams(options.connect_timeout)
 
     # -- the routing table, as the watches (or a fixed list) tell it -----------------------------------------------
     def pool(self, key: Key) -> Pool:
@@ -81,6 +81,7 @@ class Gateway:
     def set_addresses(self, key: Key, addresses: list[str]) -> None:
         pool = self.pool(key)
         was_empty = not pool.addresses
+        self.upstreams.drop(set(pool.addresses) - set(addresses))
         pool.set_addresses(addresses)
         self.metrics.ready_pods.labels(*key).set(len(addresses))
         if was_empty and addresses and pool.held_since is not None:
@@ -106,19 +107,12 @@ class Gateway:
         return app
 
     async def start(self, _app) -> None:
-        # No limit on connections: each one carries one request, and the servers bound their own queues.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None)
-        # No cookies: the servers set none, and a jar costs time on every request.
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(
-                                                 total=self.options.request_timeout,
-                                                 sock_connect=self.options.connect_timeout))
         self.tasks = {asyncio.get_running_loop().create_task(self.autoscale_forever())}
 
     async def stop(self, _app) -> None:
         for task in self.tasks:
             task.cancel()
-        await self.session.close()
+        self.upstreams.close()
 
     def spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -144,12 +138,13 @@ class Gateway:
             response = error_response(request, error)
         if request.method == "POST":
             labels = request.get(MODEL, ("", ""))
-            self.metrics.requests.labels(*labels, request.path if request.path in ROUTES else "other",
-                                         str(response.status)).inc()
+            metrics = self.metrics
+            metrics.child(metrics.requests, *labels, request.path if request.path in ROUTES else "other",
+                          str(response.status)).inc()
             if error is not None:
-                self.metrics.errors.labels(*labels, error.metric).inc()
+                metrics.child(metrics.errors, *labels, error.metric).inc()
             else:
-                self.metrics.latency.labels(*labels).observe(time.monotonic() - started)
+                metrics.child(metrics.latency, *labels).observe(time.monotonic() - started)
         return response
 
     async def list_models(self, request: web.Request) -> web.Response:
@@ -176,10 +171,9 @@ class Gateway:
             raise BadInput(f"the request body is not valid JSON: {error}") from None
         if not isinstance(data, dict):
             raise BadInput("the request body must be a JSON object")
-        try:
-            asked = OpenAIRequest.model_validate({"model": data.get("model")}).model
-        except ValueError:
-            raise BadInput("model: must be a string", "model") from None
+        asked = data.get("model")
+        if asked is not None and not isinstance(asked, str):
+            raise BadInput("model: must be a string", "model")
         if not asked:
             raise BadInput("model: required: the gateway routes on it (GET /v1/models lists them)", "model")
         key, candidates = resolve(self.models, asked)
@@ -197,7 +191,7 @@ class Gateway:
         data["model"] = model.served_as
         payload = json.dumps(data, separators=(",", ":")).encode()
         pool = self.pool(model.key)
-        gauge = self.metrics.in_flight.labels(*model.key)
+        gauge = self.metrics.child(self.metrics.in_flight, *model.key)
         pool.add(1, time.monotonic())
         gauge.inc()
         try:
@@ -241,30 +235,36 @@ class Gateway:
             tried.add(address)
             pool.in_flight[address] += 1
             sent = time.perf_counter()
+            answer = None
             try:
-                async with self.session.post(f"http://{address}{request.path}", data=payload,
-                                             headers={"Content-Type": "application/json"}) as upstream:
-                    headers = {k: upstream.headers[k] for k in PASSED_BACK if k in upstream.headers}
-                    if upstream.content_type != "text/event-stream":
-                        body = await upstream.read()
-                        # What the server took, as the gateway saw it: a client tells the gateway's share from it.
-                        headers["Server-Timing"] = f"upstream;dur={(time.perf_counter() - sent) * 1000:.3f}"
-                        return web.Response(status=upstream.status, body=body, headers=headers)
-                    return await self.relay_stream(request, upstream, headers)
-            except aiohttp.ClientConnectorError:
-                log.warning("%s: connection refused, trying another replica", address)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.options.request_timeout) as deadline:
+                    answer = await self.upstreams.post(address, request.path, payload)
+                    headers = {k: answer.headers[k.lower()] for k in PASSED_BACK if k.lower() in answer.headers}
+                    if answer.content_type != "text/event-stream":
+                        body = await answer.read()
+                        # What the server took, as the gateway saw it, after the server's own entries (modeldeploy
+                        # serve's `serve`): a client tells the gateway's share from them.
+                        took = f"upstream;dur={(time.perf_counter() - sent) * 1000:.3f}"
+                        server = answer.headers.get("server-timing")
+                        headers["Server-Timing"] = f"{server}, {took}" if server else took
+                        return web.Response(status=answer.status, body=body, headers=headers)
+                return await self.relay_stream(request, answer, headers, deadline.when())
+            except TimeoutError:
                 raise TimedOut(f"the model server took longer than {self.options.request_timeout:g} s") from None
-            except aiohttp.ClientError as error:
-                raise Unreachable(f"the model server failed: {type(error).__name__}") from None
+            except OSError as error:
+                log.warning("%s: no connection (%s), trying another replica", address, error)
+            except UpstreamError as error:
+                raise Unreachable(f"the model server failed: {error}") from None
             finally:
+                if answer is not None:
+                    self.upstreams.abandon(answer)
                 pool.in_flight[address] -= 1
                 if not pool.in_flight[address]:
                     del pool.in_flight[address]
         raise Unreachable("no replica of this model accepted the connection")
 
-    async def relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                           headers: dict) -> web.StreamResponse:
+    async def relay_stream(self, request: web.Request, upstream: Answer, headers: dict,
+                           deadline: float) -> web.StreamResponse:
         """Server-sent events passed on as each chunk arrives. Once the headers are out, a server that fails ends
         the stream with the error as its last event (as the servers themselves do); a client that goes away closes
         the server's connection, which cancels its generation."""
@@ -272,9 +272,10 @@ class Gateway:
         await response.prepare(request)
         try:
             try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                async with asyncio.timeout_at(deadline):
+                    async for chunk in upstream.chunks():
+                        await response.write(chunk)
+            except (UpstreamError, TimeoutError) as error:
                 failed = Unreachable(f"the model server failed mid-stream: {type(error).__name__}")
                 await response.write(f"data: {json.dumps(error_body(request, failed))}\n\n".encode())
             await response.write_eof()

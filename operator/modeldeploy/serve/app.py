@@ -90,12 +90,17 @@ def build_app(state: ServerState) -> web.Application:
             else:
                 response = error_response(request, error)
         if measured:
+            took = time.monotonic() - started
             route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
             state.metrics.count_request(route, error.status if error else response.status)
             if error:
                 state.metrics.count_error(error.metric)
             else:
-                state.metrics.observe_latency(time.monotonic() - started)
+                state.metrics.observe_latency(took)
+            if not response.prepared:      # a whole answer: its headers are still to go
+                # This server's share (queued for a batch, the forward pass): what a client, or a gateway in
+                # between, tells its own time from.
+                response.headers["Server-Timing"] = f"serve;dur={took * 1000:.3f}"
         return response
 
     async def metrics(request: web.Request) -> web.Response:
