@@ -152,6 +152,8 @@ class Backend:
                                  headers={"Server-Timing": self.timing} if self.timing else None)
 
     async def chat(self, request):
+        self.seen.append(await request.json())
+        await self.gate.wait()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         while (chunk := await self.chunks.get()) is not None:
@@ -293,6 +295,29 @@ def test_a_stream_is_passed_on_chunk_by_chunk_and_a_cut_one_ends_with_the_error(
             rest = (await asyncio.wait_for(response.content.read(), 5)).decode()
             error = json.loads(rest.strip().removeprefix("data: "))["error"]
             assert error["type"] == "bad_gateway" and "mid-stream" in error["message"]
+
+    with_gateway(scenario)
+
+
+def test_a_client_gone_before_its_stream_starts_is_not_sent_to_another_replica():
+    async def scenario(gateway, url, client):
+        backends = [Backend("one"), Backend("other")]
+        gateway.set_model(Model("ns", "gen", "org/gen", ready=True))
+        gateway.set_addresses(("ns", "gen"), [await b.start() for b in backends])
+        for backend in backends:
+            backend.gate.clear()
+        asking = asyncio.ensure_future(client.post(url + "/v1/chat/completions",
+                                                   json={"model": "gen", "stream": True, "messages": []}))
+        while not any(b.seen for b in backends):
+            await asyncio.sleep(0.01)
+        asking.cancel()                          # the client goes away before the server's first byte
+        await asyncio.gather(asking, return_exceptions=True)
+        for backend in backends:
+            backend.gate.set()
+            await backend.chunks.put(None)
+        while any(gateway.pools[("ns", "gen")].in_flight.values()):
+            await asyncio.sleep(0.01)
+        assert sum(len(b.seen) for b in backends) == 1
 
     with_gateway(scenario)
 

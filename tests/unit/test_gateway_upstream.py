@@ -4,16 +4,19 @@ or do not parse, an answer framed by the connection's end, a slow reader (the se
 and a request given up mid-answer (the server sees its connection close, which is what cancels a generation).
 
 Bad answers tried: bytes that are no HTTP, a body shorter than its Content-Length, a connection closed after the
-headers, bytes sent before any request, and a server closing a connection it kept alive."""
+headers or reset mid-body, an extra answer, an interim 103 (skipped), status 000, headers past 64 KiB, a server
+closing a connection it kept alive, and one that takes a request and closes (never sent twice)."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 import pytest
 
 from modeldeploy.gateway import upstream
-from modeldeploy.gateway.upstream import Upstreams, UpstreamError
+from modeldeploy.gateway.upstream import Unconnected, Upstreams, UpstreamError
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -81,14 +84,32 @@ def test_connections_are_kept_alive_and_reused():
     run(scenario)
 
 
-def test_a_kept_alive_connection_the_server_closed_is_replaced_once():
+def test_a_kept_alive_connection_the_server_closed_or_left_idle_too_long_is_not_reused(monkeypatch):
     async def scenario(upstreams):
         server = RawServer(lambda n: OK, close_after_each=True)     # no "Connection: close": a keep-alive timeout
         address = await server.start()
-        for _ in range(3):
-            assert await ask(upstreams, address) == (200, {"content-type": "application/json",
-                                                           "content-length": "2"}, b"{}")
-        assert server.connections == 3
+        await ask(upstreams, address)
+        while upstreams.idle.get(address):           # the server's close arrives
+            await asyncio.sleep(0.01)
+        assert (await ask(upstreams, address))[0] == 200 and server.connections == 2
+        while upstreams.idle.get(address):
+            await asyncio.sleep(0.01)
+        server.close_after_each = False
+        await ask(upstreams, address)
+        monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.0)   # older than the servers' own keep-alive limits
+        await ask(upstreams, address)
+        assert server.connections == 4
+    run(scenario)
+
+
+def test_a_request_whose_connection_fails_is_never_sent_again():
+    async def scenario(upstreams):
+        server = RawServer(lambda n: OK if n == 1 else None)      # takes the second request, then closes (a crash)
+        address = await server.start()
+        await ask(upstreams, address)
+        with pytest.raises(UpstreamError, match="closed before the answer's end"):
+            await ask(upstreams, address)                         # on the kept-alive connection
+        assert server.requests == 2
     run(scenario)
 
 
@@ -128,13 +149,38 @@ def test_a_failure_after_part_of_an_answer_is_not_retried():
     run(scenario)
 
 
-def test_an_answer_framed_by_the_connections_end_is_whole():
+def test_interim_answers_are_skipped_and_odd_ones_refused():
+    answers = {1: b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + OK,
+               2: b"HTTP/1.1 000 Nothing\r\nContent-Length: 0\r\n\r\n",
+               3: b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * (upstream.MAX_HEADER_BYTES + 1) + b"\r\n\r\n"}
+
+    async def scenario(upstreams):
+        server = RawServer(lambda n: answers[n])
+        address = await server.start()
+        assert await ask(upstreams, address) == (200, {"content-type": "application/json", "content-length": "2"},
+                                                 b"{}")
+        for message in ("no HTTP status", "headers passed"):
+            with pytest.raises(UpstreamError, match=message):
+                await ask(upstreams, address)
+    run(scenario)
+
+
+def test_an_answer_framed_by_the_connections_end_is_whole_unless_reset():
     async def scenario(upstreams):
         server = RawServer(lambda n: b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
         address = await server.start()
         # HTTP/1.0 without a length: the body is what comes until the server closes, which it does after each.
         server.close_after_each = True
         assert (await ask(upstreams, address))[2] == b"all of it"
+
+        async def reset(reader, writer):
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\npart of")
+            await writer.drain()
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()                                # a reset (RST), not an end (FIN)
+        server.answer = lambda n: reset
+        with pytest.raises(UpstreamError, match="closed before the answer's end"):
+            await ask(upstreams, address)
     run(scenario)
 
 
@@ -194,8 +240,8 @@ def test_giving_up_an_answer_closes_its_connection():
     run(scenario)
 
 
-def test_no_connection_is_an_oserror_so_the_next_replica_is_tried():
+def test_no_connection_is_unconnected_so_the_next_replica_is_tried():
     async def scenario(upstreams):
-        with pytest.raises(OSError):
+        with pytest.raises(Unconnected, match="127.0.0.1:9"):
             await ask(upstreams, "127.0.0.1:9")       # the discard port: nothing listens
     run(scenario)

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from modeldeploy.gateway.autoscaler import Decision, Recommender
 from modeldeploy.gateway.metrics import GatewayMetrics
 from modeldeploy.gateway.routing import Key, Model, Pool, public_names, resolve
-from modeldeploy.gateway.upstream import Answer, Upstreams, UpstreamError
+from modeldeploy.gateway.upstream import Answer, Unconnected, Upstreams, UpstreamError
 from modeldeploy.reconcile.status import now as timestamp
 from modeldeploy.serve.app import error_body, error_response, from_aiohttp
 from modeldeploy.serve.errors import BadInput, ModelNotFound, NotReady, QueueFull, ServeError, TimedOut
@@ -251,8 +251,8 @@ class Gateway:
                 return await self.relay_stream(request, answer, headers, deadline.when())
             except TimeoutError:
                 raise TimedOut(f"the model server took longer than {self.options.request_timeout:g} s") from None
-            except OSError as error:
-                log.warning("%s: no connection (%s), trying another replica", address, error)
+            except Unconnected as error:
+                log.warning("%s, trying another replica", error)
             except UpstreamError as error:
                 raise Unreachable(f"the model server failed: {error}") from None
             finally:
@@ -269,13 +269,14 @@ class Gateway:
         the stream with the error as its last event (as the servers themselves do); a client that goes away closes
         the server's connection, which cancels its generation."""
         response = web.StreamResponse(status=upstream.status, headers={**headers, "Cache-Control": "no-cache"})
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             try:
                 async with asyncio.timeout_at(deadline):
                     async for chunk in upstream.chunks():
                         await response.write(chunk)
             except (UpstreamError, TimeoutError) as error:
+                self.upstreams.abandon(upstream)        # before a write that a client not reading can hold up
                 failed = Unreachable(f"the model server failed mid-stream: {type(error).__name__}")
                 await response.write(f"data: {json.dumps(error_body(request, failed))}\n\n".encode())
             await response.write_eof()

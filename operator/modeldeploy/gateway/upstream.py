@@ -14,8 +14,17 @@ import time
 
 import httptools
 
-IDLE_SECONDS = 30.0         # a kept-alive connection unused this long is closed (servers close theirs at 5-75 s)
+# A kept-alive connection unused this long is closed: before the servers close theirs (llama.cpp and uvicorn after
+# 5 s, aiohttp 75 s), so that a request is never written into a connection the server is closing. A request whose
+# connection fails is not sent again: the server may have taken it.
+IDLE_SECONDS = 4.0
 HIGH_WATER = 2**20          # a streamed answer's bytes buffered for a slow client before the server is paused
+MAX_HEADER_BYTES = 64 * 2**10
+
+
+class Unconnected(Exception):
+    """No connection to the server could be made (refused, unreachable, too slow): it never saw the request, so
+    another replica may take it."""
 
 
 class UpstreamError(Exception):
@@ -79,10 +88,9 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.answer: Answer | None = None
-        self.header_name = b""
+        self.header_bytes = 0
         self.idle_since = 0.0
         self.paused = False
-        self.received = False       # a byte of the current answer arrived
 
     # -- asyncio -------------------------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -92,16 +100,17 @@ class Connection(asyncio.Protocol):
         if self.answer is None:     # nothing asked: a server that talks out of turn is not trusted with the next
             self.close()
             return
-        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
-            self.fail(UpstreamError(f"the answer did not parse: {error}"))
+            ours = error.__context__        # one of ours, raised in a callback, says more than httptools' wrapper
+            self.fail(ours if isinstance(ours, UpstreamError) else UpstreamError(f"the answer did not parse: {error}"))
 
     def connection_lost(self, exc) -> None:
         self.pool.forget(self)
         answer = self.answer
-        if answer is not None and answer.status and not {"content-length", "transfer-encoding"} & answer.headers.keys():
+        if (answer is not None and exc is None and answer.status
+                and not {"content-length", "transfer-encoding"} & answer.headers.keys()):
             self.answer, answer.complete = None, True   # an answer framed by the connection's end (HTTP/1.0's way)
             answer.wake()
         elif answer is not None:
@@ -114,10 +123,19 @@ class Connection(asyncio.Protocol):
             raise UpstreamError("an answer nobody asked for")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise UpstreamError(f"the answer's headers passed {MAX_HEADER_BYTES} bytes")
         self.answer.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        self.answer.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 100:
+            raise UpstreamError(f"the answer's status {status} is no HTTP status")
+        if status < 200:            # an interim answer (102, 103): the real one follows on the same connection
+            self.answer.headers.clear()
+            return
+        self.answer.status = status
         self.answer.wake()
 
     def on_body(self, body: bytes) -> None:
@@ -130,6 +148,8 @@ class Connection(asyncio.Protocol):
         answer.wake()
 
     def on_message_complete(self) -> None:
+        if not self.answer.status:      # the end of an interim answer
+            return
         answer, self.answer = self.answer, None
         answer.complete = True
         answer.wake()
@@ -140,7 +160,7 @@ class Connection(asyncio.Protocol):
 
     # -- the pool's side -------------------------------------------------------------------------------------------
     def send(self, request: bytes) -> Answer:
-        self.answer, self.received = Answer(self), False
+        self.answer, self.header_bytes = Answer(self), 0
         self.transport.write(request)
         return self.answer
 
@@ -174,30 +194,22 @@ class Upstreams:
         self.sweeper: asyncio.TimerHandle | None = None
 
     async def post(self, address: str, path: str, body: bytes) -> Answer:
-        """Sends `body` to `address` (host:port) and returns once the answer's headers are in. OSError when no
-        connection could be made (refused, unreachable, `connect_timeout`); UpstreamError when the answer failed."""
-        head = (f"POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n"
+        """Sends `body` to `address` (host:port, an IPv6 host bare or in brackets) and returns once the answer's
+        headers are in. Unconnected when no connection could be made; UpstreamError when the answer failed."""
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        authority = f"[{host}]:{port}" if ":" in host else address
+        head = (f"POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
-        connection = self.take(address)
-        if connection is not None:
-            try:
-                return await self.exchange(connection, head + body)
-            except UpstreamError:
-                # A kept-alive connection the server closed just as it was taken: it never saw the request (nothing
-                # came back), so the request goes once more on a new connection. Any other failure is the answer's.
-                if connection.received:
-                    raise
-        return await self.exchange(await self.connect(address), head + body)
-
-    async def exchange(self, connection: Connection, request: bytes) -> Answer:
-        answer = connection.send(request)
+        connection = self.take(address) or await self.connect(address, host, int(port))
+        answer = connection.send(head + body)
         try:
             while not answer.status:
                 if answer.failed:
                     raise answer.failed
                 await answer.wait()
         except BaseException:
-            connection.fail(UpstreamError("the request was given up"))    # cancelled: the connection is mid-answer
+            self.abandon(answer)        # cancelled, or failed: the connection is mid-answer either way
             raise
         return answer
 
@@ -207,23 +219,25 @@ class Upstreams:
         if answer.connection.answer is answer:
             answer.connection.fail(UpstreamError("the answer was abandoned"))
 
-    async def connect(self, address: str) -> Connection:
-        host, _, port = address.rpartition(":")
+    async def connect(self, address: str, host: str, port: int) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, connection = await loop.create_connection(lambda: Connection(self, address), host.strip("[]"),
-                                                             int(port))
+                _, connection = await loop.create_connection(lambda: Connection(self, address), host, port)
         except TimeoutError:
-            raise ConnectionError(f"connecting to {address} took longer than {self.connect_timeout:g} s") from None
+            raise Unconnected(f"connecting to {address} took longer than {self.connect_timeout:g} s") from None
+        except OSError as error:
+            raise Unconnected(f"connecting to {address}: {error.strerror or error}") from None
         return connection
 
     def take(self, address: str) -> Connection | None:
         idle = self.idle.get(address)
+        oldest = time.monotonic() - IDLE_SECONDS
         while idle:
             connection = idle.pop()
-            if connection.usable:
+            if connection.usable and connection.idle_since >= oldest:
                 return connection
+            connection.close()
         return None
 
     def give_back(self, connection: Connection) -> None:
@@ -245,14 +259,16 @@ class Upstreams:
         oldest = time.monotonic() - IDLE_SECONDS
         for address, idle in list(self.idle.items()):
             for connection in [c for c in idle if c.idle_since < oldest]:
-                connection.close()      # forget() follows from connection_lost
+                idle.remove(connection)
+                connection.close()
             if not idle:
                 del self.idle[address]
         if self.idle:
             self.sweeper = asyncio.get_running_loop().call_later(IDLE_SECONDS, self.sweep)
 
     def drop(self, addresses) -> None:
-        """Closes the idle connections to these addresses (their pods went away)."""
+        """Closes the idle connections to these addresses (their pods went away); busy ones go idle, then the
+        sweep closes them."""
         for address in addresses:
             for connection in self.idle.pop(address, ()):
                 connection.close()
