@@ -22,7 +22,7 @@ from modeldeploy.gateway.upstream import Answer, Unconnected, Upstreams, Upstrea
 from modeldeploy.reconcile.status import now as timestamp
 from modeldeploy.serve.app import error_body, error_response, from_aiohttp
 from modeldeploy.serve.errors import BadInput, ModelNotFound, NotReady, QueueFull, ServeError, TimedOut
-from modeldeploy.serve.requests import Limits
+from modeldeploy.serve.requests import Limits, OpenAIRequest
 
 log = logging.getLogger("modeldeploy.gateway")
 ROUTES = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/classify")
@@ -171,9 +171,10 @@ class Gateway:
             raise BadInput(f"the request body is not valid JSON: {error}") from None
         if not isinstance(data, dict):
             raise BadInput("the request body must be a JSON object")
-        asked = data.get("model")
-        if asked is not None and not isinstance(asked, str):
-            raise BadInput("model: must be a string", "model")
+        try:
+            asked = OpenAIRequest.model_validate({"model": data.get("model")}).model
+        except ValueError:
+            raise BadInput("model: must be a string", "model") from None
         if not asked:
             raise BadInput("model: required: the gateway routes on it (GET /v1/models lists them)", "model")
         key, candidates = resolve(self.models, asked)
