@@ -8,6 +8,7 @@ Prometheus Operator's CRD exists, and not before.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -189,7 +190,7 @@ def test_a_model_deployment_from_pull_to_ready_scaled_and_moved_to_a_new_revisio
 def test_bad_inputs_that_only_the_hub_can_reveal(api_client, namespace, operator, hub, fixed_size_class):
     """Bad inputs tried: a model the hub does not have; a gated model without a token; a cache PVC smaller than the
     files the hub lists, of a class that cannot grow. Each ends Stalled with its own reason and a Warning Event; the
-    small cache starts no Job."""
+    small cache starts no Job. A stall stays put while the Job's retries run (1.20 has no podFailurePolicy)."""
     custom, batch, core = (client.CustomObjectsApi(api_client), client.BatchV1Api(api_client),
                            client.CoreV1Api(api_client))
     gated = hub.add_repo(Repo.from_files("org/gated", {"config.json": RepoFile("config.json", b"{}")},
@@ -202,19 +203,35 @@ def test_bad_inputs_that_only_the_hub_can_reveal(api_client, namespace, operator
     for name, (model, cache, _) in cases.items():
         spec = {"model": model, **({"cache": cache} if cache else {})}
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(name, **spec))
+    stalls = {}
     for name, (_, _, reason) in cases.items():
-        stalled = wait_for(lambda: condition(custom, namespace, name, "Stalled").get("status") == "True" and
-                           condition(custom, namespace, name, "Stalled"), 180, f"{name} to stall",
+        stalled = wait_for(lambda: (c := condition(custom, namespace, name, "Stalled")).get("status") == "True" and c,
+                           180, f"{name} to stall",
                            detail=lambda: custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                                               name).get("status"))
         assert stalled["reason"] == reason, stalled
         assert condition(custom, namespace, name, "Ready")["status"] == "False"
         wait_for(lambda: any(e.type == "Warning" and e.reason == reason for e in core.list_namespaced_event(
             namespace, field_selector=f"involvedObject.name={name}").items), 30, f"a Warning Event for {name}")
+        stalls[name] = stalled
     small = condition(custom, namespace, "small-cache", "Stalled")["message"]
     assert "holds 10Mi but its models need 0.09 GiB and it cannot be expanded (Forbidden)" in small   # 91 MB
     jobs = {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
     assert len(jobs) == 2 and not any("minilm" in j for j in jobs)   # the small cache started no pull
+
+    # The Job tries again (backoffLimit; nothing stops it at a permanent failure before 1.26): once its second pod has
+    # failed too, the stall is the same one, with one Warning, and the failure is kept on the Job.
+    missing_job = next(j for j in jobs if j.startswith("pull-missing-"))
+    wait_for(lambda: sum(p.status.phase == "Failed" for p in core.list_namespaced_pod(
+        namespace, label_selector=f"job-name={missing_job}").items) >= 2, 120, "the Job's second pod to fail")
+    after = condition(custom, namespace, "missing", "Stalled")
+    assert (after["status"], after["reason"], after["lastTransitionTime"]) == \
+        ("True", "NotFound", stalls["missing"]["lastTransitionTime"])
+    stalled_events = [e for e in core.list_namespaced_event(namespace, field_selector="involvedObject.name=missing")
+                      .items if e.reason == "NotFound"]
+    assert [(e.type, e.count) for e in stalled_events] == [("Warning", 1)]
+    kept = batch.read_namespaced_job(missing_job, namespace).metadata.annotations["modeldeploy.io/pull-result"]
+    assert json.loads(kept)["reason"] == "NotFound"
 
 
 def in_process_memo(api_client, hub) -> kopf.Memo:

@@ -7,6 +7,7 @@ a custom engine without image/port, a malformed model id, an unknown field."""
 from __future__ import annotations
 
 import datetime
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from modeldeploy.manifests.common import CACHE_MOUNT, pull_job_name, weights_key
 from modeldeploy.manifests.serving import build_deployment
 from modeldeploy.config import OperatorConfig
 from modeldeploy.reconcile.events import build_event
+from modeldeploy.reconcile.pull_state import failure_of
 from modeldeploy.render import RenderError, render
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,6 +109,21 @@ def test_pull_job_is_content_addressed_and_sees_only_its_own_token():
     gitee = objects(body(model={"id": "org/model", "source": "gitee", "tokenSecretRef": {"name": "g"}}))["Job"]
     env = gitee["spec"]["template"]["spec"]["containers"][0]["env"]
     assert [e["name"] for e in env if "valueFrom" in e] == ["GITEE_TOKEN"]
+
+
+def test_the_pull_job_stops_where_the_operator_stalls():
+    """podFailurePolicy (Kubernetes 1.26+) fails the Job on exactly the exit codes the operator reads as permanent,
+    and an evicted pod does not use up a retry."""
+    job = objects(body(model={"id": "org/model"}))["Job"]
+    fail_job, ignore = job["spec"]["podFailurePolicy"]["rules"]
+    assert fail_job["action"] == "FailJob" and ignore["action"] == "Ignore"
+    assert fail_job["onExitCodes"]["containerName"] == job["spec"]["template"]["spec"]["containers"][0]["name"]
+    for code in range(256):
+        line = json.dumps({"event": "failed", "reason": "NotFound" if code == 3 else "NetworkError"})
+        failed_pod = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": code, "message": line}}}]}}
+        permanent = code != 0 and failure_of(failed_pod).permanent
+        assert (code in fail_job["onExitCodes"]["values"]) == permanent, code
+    assert ignore["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
 
 
 def test_weights_key_ignores_serving_settings():

@@ -78,6 +78,26 @@ def test_the_puller_s_permanent_failures_stop_at_once_and_transient_ones_retry()
     assert (newer_running.reason, newer_running.failed) == ("Pulling", False)
 
 
+def test_a_permanent_failure_stays_the_answer_while_the_job_retries():
+    """Without podFailurePolicy (before Kubernetes 1.26) the Job starts another pod after a permanent failure: the
+    status must not flap back to Progressing (and post another Warning) with each one."""
+    not_found = {"event": "failed", "reason": "NotFound", "message": "no such model"}
+    first = pod("2026-11-25T10:00:01Z", exited(3, not_found))
+    for newer in (pod("2026-11-25T10:00:12Z"), pod("2026-11-25T10:00:12Z", phase="Running"),
+                  pod("2026-11-25T10:00:12Z", exited(4, {"event": "failed", "reason": "NetworkError"}))):
+        state = pull_state(job(), [first, newer])
+        assert (state.reason, state.permanent, state.message) == ("NotFound", True, "no such model")
+        assert state.result == not_found                       # what the operator keeps on the Job
+    kept = pull_state(job(annotations={RESULT_ANNOTATION: json.dumps(not_found)}), [pod("2026-11-25T10:00:12Z")])
+    assert (kept.reason, kept.permanent) == ("NotFound", True)          # the failed pod is gone
+    failed = pull_state(job([("Failed", "PodFailurePolicy", "Container pull for pod ml/pull-01 failed with exit "
+                                                            "code 3 matching FailJob rule at index 0")]), [first])
+    assert (failed.reason, failed.message) == ("NotFound", "no such model")     # the same words as before it failed
+    recovered = pull_state(job([("Complete", None, None)], {RESULT_ANNOTATION: json.dumps(not_found)}),
+                           [first, pod("2026-11-25T10:00:40Z", exited(0, COMPLETE, "Completed"))])
+    assert recovered.done and recovered.result == COMPLETE    # a retry that got through (the model was uploaded)
+
+
 def test_a_pull_pod_that_cannot_start_says_why():
     secret = pull_state(job(), [pod("2026-11-25T10:00:01Z", waiting={
         "reason": "CreateContainerConfigError", "message": 'secret "hf-token" not found'})])

@@ -5,6 +5,7 @@ from modeldeploy.api import ModelDeploymentSpec
 from modeldeploy.config import OperatorConfig
 from modeldeploy.manifests.common import (ANNOTATION_MODEL, CACHE_MOUNT, LABEL_WEIGHTS, MANAGED_BY,
                                           operator_job_pod, proxy_secret, pull_job_name)
+from modeldeploy.pull.errors import EXITS_FOR_GOOD
 from modeldeploy.pull.sources import SOURCES
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")
@@ -44,6 +45,14 @@ def build_pull_job(spec: ModelDeploymentSpec, config: OperatorConfig, key: str, 
                      "annotations": {ANNOTATION_MODEL: f"{spec.model.source}:{spec.model.id}@{spec.model.revision}"}},
         "spec": {
             "backoffLimit": config.pull.backoff_limit,
+            # Kubernetes 1.26+: a permanent failure ends the Job at once, and a pod evicted or preempted does not
+            # count against backoffLimit. Older API servers drop the field; the operator still stalls at the first
+            # permanent failure (reconcile/pull_state.py) and lets the retries run out.
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": "pull", "operator": "In",
+                                                      "values": list(EXITS_FOR_GOOD)}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]},
             "activeDeadlineSeconds": spec.download.deadline_seconds,
             "template": {
                 "metadata": {"labels": labels},

@@ -38,6 +38,7 @@ EXIT_PERMANENT = 3
 EXIT_TRANSIENT = 4
 EXIT_NO_SPACE = 5
 EXIT_INTEGRITY = 6
+EXITS_FOR_GOOD = (EXIT_PERMANENT, EXIT_NO_SPACE)     # another try would end the same: the Job stops
 
 
 def exit_code(reason: Reason) -> int:

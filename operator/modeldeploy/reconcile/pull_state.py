@@ -3,15 +3,16 @@
 The Job's conditions decide; its pods only add detail (the puller's reason, OOMKilled, why a pod waits or does not
 schedule), because pods are ephemeral: garbage-collected, evicted, gone with their node. The result, once read from
 a pod's termination message, is kept on the Job itself (an annotation), so a finished Job whose pods are gone still
-says which commit it pulled. Pure functions over the objects as the API returns them (dicts), so the decisions are
-unit-tested over recorded objects."""
+says which commit it pulled; so is a permanent failure, which stays the answer while a Job without podFailurePolicy
+(Kubernetes before 1.26) starts the pods its backoffLimit allows. Pure functions over the objects as the API returns
+them (dicts), so the decisions are unit-tested over recorded objects."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-from modeldeploy.pull.errors import EXIT_NO_SPACE, EXIT_PERMANENT, Reason
+from modeldeploy.pull.errors import EXITS_FOR_GOOD, Reason
 
 RESULT_ANNOTATION = "modeldeploy.io/pull-result"
 WAITING_REASONS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName",
@@ -25,7 +26,7 @@ class PullState:
     permanent: bool = False
     reason: str = "Pulling"
     message: str = "pulling the weights into the cache"
-    result: dict | None = None        # the puller's final JSON line
+    result: dict | None = None        # the puller's final JSON line (done, or failed for good)
     rerun: bool = False               # finished, but its result is lost with its pods: run it again (0 bytes)
 
 
@@ -48,9 +49,14 @@ def final_line(state: dict | None) -> dict | None:
     return line if isinstance(line, dict) else None
 
 
+def recorded_line(job: dict) -> dict | None:
+    """The puller's final line as the operator kept it on the Job: its result, or its permanent failure."""
+    return final_line({"message": ((job.get("metadata") or {}).get("annotations") or {}).get(RESULT_ANNOTATION)})
+
+
 def completed_result(job: dict, pods: list[dict]) -> dict | None:
     """The puller's `complete` line: from the Job's annotation, else from a pod that exited 0 with it."""
-    annotated = final_line({"message": ((job.get("metadata") or {}).get("annotations") or {}).get(RESULT_ANNOTATION)})
+    annotated = recorded_line(job)
     if annotated and annotated.get("event") == "complete":
         return annotated
     for pod in pods:
@@ -59,6 +65,15 @@ def completed_result(job: dict, pods: list[dict]) -> dict | None:
         if state and state.get("exitCode") == 0 and line and line.get("event") == "complete":
             return line
     return None
+
+
+def recorded_failure(job: dict) -> PullState | None:
+    line = recorded_line(job)
+    if line is None or line.get("event") != "failed":
+        return None
+    reason = line.get("reason") or "PullFailed"
+    return PullState(failed=True, permanent=True, reason=reason, message=line.get("message") or reason,
+                     result=line)
 
 
 def newest_first(pods: list[dict]) -> list[dict]:
@@ -73,8 +88,9 @@ def failure_of(pod: dict) -> PullState | None:
     line = final_line(state)
     if line and line.get("event") == "failed":
         reason = line.get("reason") or "PullFailed"
-        permanent = state.get("exitCode") in (EXIT_PERMANENT, EXIT_NO_SPACE) or reason == Reason.NO_SPACE.value
-        return PullState(failed=True, permanent=permanent, reason=reason, message=line.get("message") or reason)
+        permanent = state.get("exitCode") in EXITS_FOR_GOOD or reason == Reason.NO_SPACE.value
+        return PullState(failed=True, permanent=permanent, reason=reason, message=line.get("message") or reason,
+                         result=line)
     if state.get("reason") == "OOMKilled":
         return PullState(failed=True, reason="OOMKilled", message="the pull pod ran out of memory (pull.resources)")
     return PullState(failed=True, reason="PullFailed",
@@ -107,6 +123,12 @@ def pull_state(job: dict, pods: list[dict]) -> PullState:
         return PullState(done=True, reason="Pulled", result=result,
                          message=f"{result.get('files')} files, {result.get('bytes')} bytes at commit "
                                  f"{result.get('commit')}" + (" (already in the cache)" if result.get("cached") else ""))
+    # Permanent means the puller would only say it again: it stays the answer while the Job's retries run (no
+    # podFailurePolicy before Kubernetes 1.26), so Stalled does not flap back to Progressing with each new pod.
+    if (recorded := recorded_failure(job)) is not None:
+        return recorded
+    if (permanent := next((f for f in map(failure_of, pods) if f is not None and f.permanent), None)) is not None:
+        return permanent
     if "Failed" in conditions:
         condition = conditions["Failed"]
         detail = next((f for f in map(failure_of, pods) if f is not None), None)
@@ -120,8 +142,6 @@ def pull_state(job: dict, pods: list[dict]) -> PullState:
     if pods:
         newest = pods[0]
         if (failure := failure_of(newest)) is not None:
-            if failure.permanent:       # the Job would only repeat it
-                return failure
             return PullState(failed=True, reason="Retrying",
                              message=f"{failure.reason}: {failure.message}; the Job retries")
         if (waiting := waiting_of(newest)) is not None:

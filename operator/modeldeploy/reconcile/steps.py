@@ -29,7 +29,8 @@ from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_abse
                                             prune_jobs, pull_pods, read_claim, read_or_none, read_pull_job,
                                             server_problem)
 from modeldeploy.reconcile.hub_sizes import PENDING, Query
-from modeldeploy.reconcile.pull_state import RESULT_ANNOTATION, PullState, pull_state, true_conditions
+from modeldeploy.reconcile.pull_state import (RESULT_ANNOTATION, PullState, pull_state, recorded_line,
+                                              true_conditions)
 from modeldeploy.reconcile.status import Observation
 from modeldeploy.reconcile.views import BY_CLAIM
 
@@ -299,12 +300,14 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         o.weights = (False, state.reason, state.message)
         if state.permanent:
             o.stalled = (state.reason, f"pull job {job_name}: {state.message}")
+            if state.result is not None and recorded_line(job) != state.result:
+                remember_result(apis, namespace, job_name, state.result)    # outlives the pod that said it
         else:
             o.progress_in_log = any((p.get("status") or {}).get("phase") == "Running" for p in pods)
             if o.progress_in_log and (progress := last_progress(apis, namespace, pods)):
                 o.fields["download"].update(progress)
         return None
-    if RESULT_ANNOTATION not in (job["metadata"].get("annotations") or {}):
+    if recorded_line(job) != state.result:
         remember_result(apis, namespace, job_name, state.result)
     commit = state.result["commit"]
     snapshot = f"{spec.model.id}@{commit}"
@@ -329,7 +332,8 @@ def prune_running(apis: Apis, namespace: str, spec: ModelDeploymentSpec) -> str 
 
 
 def remember_result(apis: Apis, namespace: str, job_name: str, result: dict) -> None:
-    """The result on the Job itself, so it outlives the pull pod."""
+    """The puller's final line (its result, or its permanent failure) on the Job itself, so it outlives the pull
+    pod."""
     try:
         apis.batch.patch_namespaced_job(job_name, namespace, {"metadata": {"annotations": {
             RESULT_ANNOTATION: json.dumps(result, sort_keys=True)}}})
