@@ -57,6 +57,12 @@ def condition(custom, namespace, name, kind) -> dict:
     return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
 
 
+def stall_of(custom, namespace, name) -> dict | None:
+    """The Stalled condition while it is True (one read: it is the same condition that was checked)."""
+    stalled = condition(custom, namespace, name, "Stalled")
+    return stalled if stalled.get("status") == "True" else None
+
+
 def events_for(core, namespace, name) -> list:
     return core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
 
@@ -122,16 +128,14 @@ def test_bad_inputs_end_in_specific_conditions_and_events(api_client, namespace,
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                            mdep("secretless", model={"id": "org/gated",
                                                                      "tokenSecretRef": {"name": "missing"}}))
-    stalled = wait_for(lambda: condition(custom, namespace, "tpu", "Stalled").get("status") == "True" and
-                       condition(custom, namespace, "tpu", "Stalled"), 60, "tpu to stall")
+    stalled = wait_for(lambda: stall_of(custom, namespace, "tpu"), 60, "tpu to stall")
     assert stalled["reason"] == "InvalidSpec" and "profile 'tpu' is not configured" in stalled["message"]
     assert condition(custom, namespace, "tpu", "Ready")["status"] == "False"
     assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "tpu")["status"]["phase"] == "Failed"
     wait_for(lambda: any(e.type == "Warning" and "tpu" in e.message for e in events_for(core, namespace, "tpu")),
              30, "a Warning event for tpu")
 
-    fp16 = wait_for(lambda: condition(custom, namespace, "loong-fp16", "Stalled").get("status") == "True" and
-                    condition(custom, namespace, "loong-fp16", "Stalled"), 60, "loong-fp16 to stall")
+    fp16 = wait_for(lambda: stall_of(custom, namespace, "loong-fp16"), 60, "loong-fp16 to stall")
     assert "fp16 is not supported on the loongson profile" in fp16["message"]
 
     # The operator reads no Secret: the Job is made at once and the pod gets the token by secretKeyRef (the

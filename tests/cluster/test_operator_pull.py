@@ -23,7 +23,8 @@ from modeldeploy.reconcile import metrics
 from modeldeploy.reconcile.children import Apis
 from modeldeploy.reconcile.hub_sizes import Query
 from modeldeploy.reconcile.reconciler import reconcile, reconcile_by_name
-from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, mdep  # noqa: F401 (crd: fixture)
+from tests.cluster.test_operator import (GROUP, PLURAL, VERSION, condition, crd, mdep,  # noqa: F401 (crd: fixture)
+                                         stall_of)
 from tests.helpers import operator_process, wait_for
 from tests.hubserver import HubServer, Repo, RepoFile
 from tests.models import MINILM, minilm_dir
@@ -205,8 +206,7 @@ def test_bad_inputs_that_only_the_hub_can_reveal(api_client, namespace, operator
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(name, **spec))
     stalls = {}
     for name, (_, _, reason) in cases.items():
-        stalled = wait_for(lambda: (c := condition(custom, namespace, name, "Stalled")).get("status") == "True" and c,
-                           180, f"{name} to stall",
+        stalled = wait_for(lambda: stall_of(custom, namespace, name), 180, f"{name} to stall",
                            detail=lambda: custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                                               name).get("status"))
         assert stalled["reason"] == reason, stalled

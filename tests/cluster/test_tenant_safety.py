@@ -27,7 +27,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, events_for, mdep  # noqa: F401
+from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, events_for, mdep, stall_of  # noqa: F401
 from tests.cluster.test_operator_pull import NODE_ADDRESS
 from tests.helpers import BlackHole, operator_process, wait_for
 from tests.hubserver import HubServer, Repo
@@ -134,8 +134,7 @@ def test_what_the_admin_did_not_allow_stalls_and_creates_nothing(api_client, kub
         for name, (spec, _) in STALLED.items():
             custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(name, **spec))
         for name, (_, words) in STALLED.items():
-            stalled = wait_for(lambda: condition(custom, namespace, name, "Stalled").get("status") == "True" and
-                               condition(custom, namespace, name, "Stalled"), 60, f"{name} to stall")
+            stalled = wait_for(lambda: stall_of(custom, namespace, name), 60, f"{name} to stall")
             assert stalled["reason"] == "InvalidSpec", (name, stalled)
             for word in words:
                 assert word in stalled["message"], (name, word, stalled["message"])
@@ -187,10 +186,8 @@ def test_a_missing_token_secret_is_named_without_the_operator_reading_secrets(
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(
             "secretless", model={"id": "org/minilm-missing-token", "endpoint": hub.url,
                                  "tokenSecretRef": {"name": "hf-token"}}))
-        waiting = wait_for(lambda: condition(custom, namespace, "secretless", "WeightsReady").get("reason") ==
-                           "CreateContainerConfigError" and condition(custom, namespace, "secretless",
-                                                                      "WeightsReady"), 120,
-                           "the pull pod's missing Secret in the status")
+        waiting = wait_for(lambda: (c := condition(custom, namespace, "secretless", "WeightsReady")).get("reason") ==
+                           "CreateContainerConfigError" and c, 120, "the pull pod's missing Secret in the status")
         assert 'secret "hf-token" not found' in waiting["message"]
         # The Secret appearing lets the pull go on, with nothing done to the resource.
         core.create_namespaced_secret(namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="hf-token"),
