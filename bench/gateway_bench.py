@@ -8,7 +8,10 @@ share (`Server-Timing: serve;dur=`, from its handler's start to the answer ready
 pass), which the gateway passes on. A request's time less that share is its time outside the server's handler
 (the client, the network, the server's HTTP handling, and on the one path the gateway); the gateway's added time is
 that figure through the gateway less the same figure direct, at p50 and p99. End to end, the two paths' latencies at
-64 in flight differ by whatever the batches' luck was (+-100 ms here): the server's share takes that out.
+64 in flight differ by whatever the batches' luck was (+-100 ms here): the server's share takes that out. What is
+left still moves by several ms from round to round (where in a batch's answers a probe's falls, what else the two
+cores ran), so at 64 in flight the added p50 is taken round by round, each gateway round against the direct round
+just before it, and printed with a 95% interval for the mean of those differences.
 
 Loads, single-text embedding requests:
 - 64 in flight: 56 kept by wrk (C, so that the load generator takes little of the cores) and 8 probes from this
@@ -21,7 +24,7 @@ Loads, single-text embedding requests:
 With --separate-cores the model server gets core 0 (1 thread) and the gateway and the load core 1: the gateway off
 the model's cores, as in a cluster where it runs in a pod of its own. wrk: Debian's `wrk` (hack/install-deps.sh).
 
-    .venv/bin/python bench/gateway_bench.py [--seconds 10] [--rounds 3] [--separate-cores]
+    .venv/bin/python bench/gateway_bench.py [--seconds 10] [--paired-rounds 16] [--rounds 3] [--separate-cores]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -90,6 +94,19 @@ def outside_the_server(direct: list[float], through: list[float]) -> str:
             f"p99 {(figures['gateway'][1] - figures['direct'][1]) * 1000:+.2f} ms")
 
 
+def paired_rounds(direct: list[float], through: list[float]) -> str:
+    """The gateway's added p50 round by round (each gateway round less the direct round just before it), with a
+    95% interval for their mean from resampling the rounds. Which batch a probe lands in moves a round's p50 by
+    several ms, so one pooled p50 difference cannot show a 2 ms target; pairing adjacent rounds takes out the
+    machine's drift, and the interval says how much is left."""
+    differences = [(g - d) * 1000 for d, g in zip(direct, through)]
+    rng = random.Random(0)
+    means = sorted(statistics.mean(rng.choices(differences, k=len(differences))) for _ in range(10_000))
+    return (f"  gateway added p50, round by round: {', '.join(f'{d:+.1f}' for d in differences)} ms; mean "
+            f"{statistics.mean(differences):+.2f} ms (95% interval {means[250]:+.2f} to {means[9750]:+.2f} ms), "
+            f"median {statistics.median(differences):+.2f} ms")
+
+
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = {body}
@@ -98,7 +115,7 @@ wrk.body = {body}
 
 def wrk_with_probes(paths: dict, rounds: int, seconds: int, text: str, probes: int = 8) -> None:
     """64 in flight per path: wrk keeps 64 - `probes`, the probes the rest; the paths take turns."""
-    results = {name: {"rates": [], "wrk_p50": [], "times": [], "outside": []} for name in paths}
+    results = {name: {"rates": [], "wrk_p50": [], "times": [], "outside": [], "round_p50": []} for name in paths}
     with tempfile.TemporaryDirectory(prefix="gateway-bench-wrk-") as folder:
         scripts = {}
         for name, (url, extra) in paths.items():
@@ -122,6 +139,7 @@ def wrk_with_probes(paths: dict, rounds: int, seconds: int, text: str, probes: i
                 results[name]["wrk_p50"].append(p50.group(1))
                 results[name]["times"] += probed["latencies"]
                 results[name]["outside"] += probed["outside"]
+                results[name]["round_p50"].append(statistics.median(probed["outside"]))
     print(f"all-MiniLM-L6-v2 server, single text x 64 in flight (wrk {64 - probes} + {probes} probes), {rounds} "
           f"rounds of {seconds} s per path:")
     for name, result in results.items():
@@ -131,13 +149,16 @@ def wrk_with_probes(paths: dict, rounds: int, seconds: int, text: str, probes: i
               f"probes' p50 {statistics.median(times) * 1000:7.2f} ms ({len(times)} requests)")
     ratios = [g / d for g, d in zip(results["gateway"]["rates"], results["direct"]["rates"])]
     print(outside_the_server(sorted(results["direct"]["outside"]), sorted(results["gateway"]["outside"])))
+    print(paired_rounds(results["direct"]["round_p50"], results["gateway"]["round_p50"]))
     print(f"  throughput {statistics.mean(ratios):.3f}x direct (rounds {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10, help="per path, per load, per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the 1-client and stub loads")
+    parser.add_argument("--paired-rounds", type=int, default=16,
+                        help="rounds of the 64-in-flight load: its added p50 is the mean of per-round differences")
     parser.add_argument("--separate-cores", action="store_true",
                         help="the model server on core 0 (1 thread), the gateway and the load generator on core 1: "
                         "the gateway off the model's cores, as in a cluster")
@@ -181,7 +202,7 @@ def main() -> None:
         paths = {"direct": (server.url, {}), "gateway": (gateway_url, {"model": "minilm"})}
         for url, extra in paths.values():      # warm both paths (connections, the model's first passes)
             asyncio.run(load(url, 8, 1, 2, corpus, extra))
-        wrk_with_probes(paths, args.rounds, args.seconds, corpus[0])
+        wrk_with_probes(paths, args.paired_rounds, args.seconds, corpus[0])
         compare(paths, 1, args.rounds, args.seconds, corpus, "all-MiniLM-L6-v2 server")
         server.stop()
         stub = {"direct": (stub_url, {}), "gateway": (gateway_url, {"model": "stub"})}
@@ -189,10 +210,14 @@ def main() -> None:
         for clients in (1, 64):
             compare(stub, clients, args.rounds, args.seconds / 2, corpus, "stub server (no model)")
     finally:
+        server.stop()
         for process in (gateway, stub_server):
             process.terminate()
-            process.wait(10)
-        server.stop()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:       # the gateway waits for requests in flight: none is left behind
+                process.kill()
+                process.wait()
 
 
 if __name__ == "__main__":

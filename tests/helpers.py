@@ -46,25 +46,33 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`modeldeploy serve` in a process of its own, as in a pod; waits (bounded) until it reports ready."""
+    """`modeldeploy serve` in a process of its own, as in a pod; waits (bounded) until it reports ready. Its output
+    goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of log lines, say a cancelled request's each)
+    and then stops the server mid-write, with every request it holds."""
 
     def __init__(self, *args: str, timeout: float = 180):
         import sys
+        import tempfile
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = ""
+        self.output = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen([sys.executable, "-m", "modeldeploy", "serve", "--host", "127.0.0.1",
                                          "--port", str(self.port), *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                        stdout=self.output, stderr=subprocess.STDOUT, text=True)
         self.timeout = timeout
+
+    def written(self) -> str:
+        self.output.seek(0)
+        return self.output.read()
 
     def wait_ready(self) -> "ServeProcess":
         import urllib.request
 
         def ready():
             if self.process.poll() is not None:
-                pytest.fail(f"serve exited with {self.process.returncode}:\n{self.process.stdout.read()[-4000:]}")
+                pytest.fail(f"serve exited with {self.process.returncode}:\n{self.written()[-4000:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as response:
                     return response.status == 200
@@ -77,10 +85,13 @@ class ServeProcess:
     def stop(self) -> str:
         self.process.terminate()
         try:
-            self.log = self.process.communicate(timeout=30)[0]
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.log = self.process.communicate()[0]
+            self.process.wait()
+        if not self.output.closed:
+            self.log = self.written()
+            self.output.close()
         return self.log
 
 
