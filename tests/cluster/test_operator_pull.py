@@ -219,11 +219,20 @@ def test_bad_inputs_that_only_the_hub_can_reveal(api_client, namespace, operator
     jobs = {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
     assert len(jobs) == 2 and not any("minilm" in j for j in jobs)   # the small cache started no pull
 
-    # The Job tries again (backoffLimit; nothing stops it at a permanent failure before 1.26): once its second pod has
-    # failed too, the stall is the same one, with one Warning, and the failure is kept on the Job.
+    # Before 1.26 (no podFailurePolicy) the Job tries again: once its second pod has failed too, the stall is the
+    # same one, with one Warning. From 1.26 the policy ends the Job at the first. Either way the failure is kept on
+    # the Job.
     missing_job = next(j for j in jobs if j.startswith("pull-missing-"))
-    wait_for(lambda: sum(p.status.phase == "Failed" for p in core.list_namespaced_pod(
-        namespace, label_selector=f"job-name={missing_job}").items) >= 2, 120, "the Job's second pod to fail")
+    version = client.VersionApi(api_client).get_code()
+    if (int(version.major), int(version.minor.rstrip("+"))) < (1, 26):
+        wait_for(lambda: sum(p.status.phase == "Failed" for p in core.list_namespaced_pod(
+            namespace, label_selector=f"job-name={missing_job}").items) >= 2, 120, "the Job's second pod to fail")
+    else:
+        failed = wait_for(lambda: next((c for c in batch.read_namespaced_job(missing_job, namespace).status.conditions
+                                        or [] if c.type == "Failed" and c.status == "True"), None), 60,
+                          "the Job to fail by its podFailurePolicy")
+        assert failed.reason == "PodFailurePolicy"
+        assert len(core.list_namespaced_pod(namespace, label_selector=f"job-name={missing_job}").items) == 1
     after = condition(custom, namespace, "missing", "Stalled")
     assert (after["status"], after["reason"], after["lastTransitionTime"]) == \
         ("True", "NotFound", stalls["missing"]["lastTransitionTime"])

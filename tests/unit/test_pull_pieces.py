@@ -286,3 +286,18 @@ def test_a_trailing_newline_does_not_pass_for_a_commit_or_a_name(tmp_path):
         cache_layout.marker_path(tmp_path, "org/m", COMMIT + "\n", ["a"])
     with pytest.raises(ValueError):
         names.revision("main\n")
+
+
+def test_a_token_in_a_long_failure_is_redacted_before_the_termination_message_is_cut(tmp_path, capsys):
+    """Past Kubernetes' 4 KiB the final line is shortened (message cut at 1000 characters): a token that straddled
+    the cut was left half unredacted."""
+    from modeldeploy.pull.puller import emit_json
+
+    token = "hf_" + "T" * 37
+    message = "x" * 990 + token + " and more"          # the token crosses character 1000
+    termination = tmp_path / "termination-log"
+    emit_json(token, termination)({"event": "failed", "reason": "Unauthorized", "message": message,
+                                   "file_endpoints": {f"file-{i}": "e" * 100 for i in range(40)}})
+    kept = json.loads(termination.read_text())
+    assert "TTTT" not in termination.read_text() and kept["message"].startswith("x" * 990 + "***")
+    assert "TTTT" not in capsys.readouterr().out

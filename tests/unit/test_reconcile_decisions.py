@@ -18,17 +18,19 @@ COMPLETE = {"event": "complete", "commit": COMMIT, "files": 7, "bytes": 91_000_0
 
 def job(conditions=(), annotations=None) -> dict:
     return {"metadata": {"name": "pull-m-0123456789ab", "namespace": "ml", "annotations": annotations or {},
+                         "uid": "uid-of-the-job",
                          "labels": {"modeldeploy.io/weights": "0123456789ab"}},
             "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": m}
                                       for t, r, m in conditions]}}
 
 
 def pod(created: str, terminated: dict | None = None, waiting: dict | None = None, unschedulable: str | None = None,
-        phase: str = "Pending") -> dict:
+        phase: str = "Pending", owner: str = "uid-of-the-job") -> dict:
     state = {"terminated": terminated} if terminated else {"waiting": waiting} if waiting else {"running": {}}
     conditions = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}] \
         if unschedulable else [{"type": "PodScheduled", "status": "True"}]
-    return {"metadata": {"name": f"pull-{created[-2:]}", "creationTimestamp": created},
+    return {"metadata": {"name": f"pull-{created[-2:]}", "creationTimestamp": created,
+                         "ownerReferences": [{"kind": "Job", "uid": owner, "controller": True}]},
             "status": {"phase": phase, "conditions": conditions,
                        "containerStatuses": [] if unschedulable else [{"name": "pull", "state": state}]}}
 
@@ -96,6 +98,28 @@ def test_a_permanent_failure_stays_the_answer_while_the_job_retries():
     recovered = pull_state(job([("Complete", None, None)], {RESULT_ANNOTATION: json.dumps(not_found)}),
                            [first, pod("2026-11-25T10:00:40Z", exited(0, COMPLETE, "Completed"))])
     assert recovered.done and recovered.result == COMPLETE    # a retry that got through (the model was uploaded)
+    unauthorized = pod("2026-11-25T10:00:30Z", exited(3, {"event": "failed", "reason": "Unauthorized"}))
+    assert pull_state(job(), [first, unauthorized]).reason == "NotFound"        # the first one stays the answer
+
+
+def test_a_job_made_again_under_the_same_name_is_not_judged_by_the_old_one_s_pods():
+    """Deleting a failed pull's Job is how a pull is tried again; the old Job's pods (same job-name label) linger
+    a moment, or for good with --cascade=orphan."""
+    old = pod("2026-11-25T10:00:01Z", exited(3, {"event": "failed", "reason": "NotFound"}), owner="uid-of-the-old-job")
+    state = pull_state(job(), [old, pod("2026-11-25T10:05:00Z", phase="Running")])
+    assert (state.reason, state.failed) == ("Pulling", False)
+    assert pull_state(job(), [old]).reason == "Pulling"
+
+
+def test_what_a_pod_or_an_annotation_says_is_taken_only_in_the_puller_s_terms():
+    """The termination message and the Job's annotation can be written by anyone who may edit the namespace's pods
+    and Jobs: a reason the puller never gives, or a message that is no text, would fail every status write."""
+    for line in ({"event": "failed", "reason": ["NotFound"], "message": {"a": 1}},
+                 {"event": "failed", "reason": "<script>", "message": 42},
+                 {"event": "failed", "reason": None, "message": "x" * 5000}):
+        for state in (pull_state(job(annotations={RESULT_ANNOTATION: json.dumps(line)}), []),
+                      pull_state(job(), [pod("2026-11-25T10:00:01Z", exited(3, line))])):
+            assert state.reason == "PullFailed" and isinstance(state.message, str) and len(state.message) <= 1000
 
 
 def test_a_pull_pod_that_cannot_start_says_why():

@@ -50,7 +50,7 @@ def build_pull_job(spec: ModelDeploymentSpec, config: OperatorConfig, key: str, 
             # permanent failure (reconcile/pull_state.py) and lets the retries run out.
             "podFailurePolicy": {"rules": [
                 {"action": "FailJob", "onExitCodes": {"containerName": "pull", "operator": "In",
-                                                      "values": list(EXITS_FOR_GOOD)}},
+                                                      "values": sorted(set(EXITS_FOR_GOOD))}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]},
             "activeDeadlineSeconds": spec.download.deadline_seconds,

@@ -419,7 +419,8 @@ def emit_json(secret: str | None, termination_log: Path | None) -> Emit:
         if termination_log is not None and event["event"] in ("complete", "failed"):
             if len(line) > TERMINATION_LIMIT:     # Kubernetes keeps 4 KiB: drop the per-file detail, stay JSON
                 short = {k: v for k, v in event.items() if k != "file_endpoints"}
-                short["message"] = str(short.get("message", ""))[:1000] if "message" in short else None
+                # Redacted before it is cut: a token cut in two would no longer match.
+                short["message"] = redact(str(short["message"]), secret)[:1000] if "message" in short else None
                 line = redact(json.dumps({k: v for k, v in short.items() if v is not None}, sort_keys=True), secret)
             try:
                 termination_log.write_text(line[:TERMINATION_LIMIT])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from modeldeploy.pull.errors import EXITS_FOR_GOOD, Reason
 
 RESULT_ANNOTATION = "modeldeploy.io/pull-result"
+REASONS = {reason.value for reason in Reason}
 WAITING_REASONS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName",
                    "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
@@ -67,17 +68,37 @@ def completed_result(job: dict, pods: list[dict]) -> dict | None:
     return None
 
 
+def said(line: dict) -> tuple[str, str]:
+    """The reason and message of a `failed` line. It comes from a pod's termination message or the Job's annotation,
+    which whoever may edit the namespace's pods and Jobs can write: only the puller's own reasons are taken, and
+    the message as text (a number or a list would fail the status write against the CRD's schema)."""
+    reason = line.get("reason")
+    reason = reason if isinstance(reason, str) and reason in REASONS else "PullFailed"
+    message = line.get("message")
+    return reason, (message if isinstance(message, str) and message else reason)[:1000]
+
+
 def recorded_failure(job: dict) -> PullState | None:
     line = recorded_line(job)
     if line is None or line.get("event") != "failed":
         return None
-    reason = line.get("reason") or "PullFailed"
-    return PullState(failed=True, permanent=True, reason=reason, message=line.get("message") or reason,
-                     result=line)
+    reason, message = said(line)
+    return PullState(failed=True, permanent=True, reason=reason, message=message, result=line)
 
 
 def newest_first(pods: list[dict]) -> list[dict]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+
+
+def owned(pods: list[dict], job: dict) -> list[dict]:
+    """The Job's own pods: a Job deleted and made again under the same name (the way to try a failed pull again)
+    leaves its pods, with the same job-name label, for a moment (or for good, deleted with --cascade=orphan), and
+    their failures are not the new Job's."""
+    uid = (job.get("metadata") or {}).get("uid")
+    if not uid:
+        return pods
+    return [pod for pod in pods
+            if any(owner.get("uid") == uid for owner in (pod.get("metadata") or {}).get("ownerReferences") or [])]
 
 
 def failure_of(pod: dict) -> PullState | None:
@@ -87,10 +108,9 @@ def failure_of(pod: dict) -> PullState | None:
         return None
     line = final_line(state)
     if line and line.get("event") == "failed":
-        reason = line.get("reason") or "PullFailed"
+        reason, message = said(line)
         permanent = state.get("exitCode") in EXITS_FOR_GOOD or reason == Reason.NO_SPACE.value
-        return PullState(failed=True, permanent=permanent, reason=reason, message=line.get("message") or reason,
-                         result=line)
+        return PullState(failed=True, permanent=permanent, reason=reason, message=message, result=line)
     if state.get("reason") == "OOMKilled":
         return PullState(failed=True, reason="OOMKilled", message="the pull pod ran out of memory (pull.resources)")
     return PullState(failed=True, reason="PullFailed",
@@ -114,7 +134,7 @@ def waiting_of(pod: dict) -> PullState | None:
 
 def pull_state(job: dict, pods: list[dict]) -> PullState:
     conditions = true_conditions(job)
-    pods = newest_first(pods)
+    pods = newest_first(owned(pods, job))
     if "Complete" in conditions:
         result = completed_result(job, pods)
         if result is None:
@@ -127,7 +147,9 @@ def pull_state(job: dict, pods: list[dict]) -> PullState:
     # podFailurePolicy before Kubernetes 1.26), so Stalled does not flap back to Progressing with each new pod.
     if (recorded := recorded_failure(job)) is not None:
         return recorded
-    if (permanent := next((f for f in map(failure_of, pods) if f is not None and f.permanent), None)) is not None:
+    # The first permanent failure, whatever pods came after it: the answer does not change with the next one.
+    failures = (f for f in map(failure_of, reversed(pods)) if f is not None and f.permanent)
+    if permanent := next(failures, None):
         return permanent
     if "Failed" in conditions:
         condition = conditions["Failed"]
