@@ -300,15 +300,14 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         o.weights = (False, state.reason, state.message)
         if state.permanent:
             o.stalled = (state.reason, f"pull job {job_name}: {state.message}")
-            if state.result is not None and recorded_line(job) != state.result:
-                remember_result(apis, namespace, job_name, state.result)    # outlives the pod that said it
+            if state.result is not None:
+                remember_result(apis, job, state.result)
         else:
             o.progress_in_log = any((p.get("status") or {}).get("phase") == "Running" for p in pods)
             if o.progress_in_log and (progress := last_progress(apis, namespace, pods)):
                 o.fields["download"].update(progress)
         return None
-    if recorded_line(job) != state.result:
-        remember_result(apis, namespace, job_name, state.result)
+    remember_result(apis, job, state.result)
     commit = state.result["commit"]
     snapshot = f"{spec.model.id}@{commit}"
     o.fields.update(resolvedRevision=commit, pin={"weightsKey": key, "snapshot": snapshot})
@@ -331,11 +330,14 @@ def prune_running(apis: Apis, namespace: str, spec: ModelDeploymentSpec) -> str 
     return None
 
 
-def remember_result(apis: Apis, namespace: str, job_name: str, result: dict) -> None:
+def remember_result(apis: Apis, job: dict, result: dict) -> None:
     """The puller's final line (its result, or its permanent failure) on the Job itself, so it outlives the pull
-    pod."""
+    pod; nothing is written when the Job already says it."""
+    if recorded_line(job) == result:
+        return
+    meta = job["metadata"]
     try:
-        apis.batch.patch_namespaced_job(job_name, namespace, {"metadata": {"annotations": {
+        apis.batch.patch_namespaced_job(meta["name"], meta["namespace"], {"metadata": {"annotations": {
             RESULT_ANNOTATION: json.dumps(result, sort_keys=True)}}})
     except ApiException as error:
         if error.status != 404:
