@@ -294,3 +294,33 @@ def test_two_reconciles_of_one_read_write_and_post_once(api_client, namespace, c
                                                             field_selector="involvedObject.name=twice").items]
     assert reasons.count("NoSpace") == reasons.count("TrustRemoteCode") == 1, reasons
     assert condition(custom, namespace, "twice", "Stalled")["reason"] == "NoSpace"
+
+
+def test_a_pull_job_made_from_an_older_read_is_taken_back(api_client, namespace, crd, hub):  # noqa: F811
+    """A reconcile can work from a read older than the resource: a lagging view, or one that began before the spec
+    changed. Its pull Job for the old weights may come after whatever released the old Job had run, and nothing
+    would take it back (CI saw one stay, pulling weights no resource wanted). Here the model's revision moves, the
+    resource is reconciled as it is now, and then an older read of it: the Job that one made goes, and it runs
+    again on the resource as it is."""
+    custom, core, batch = (client.CustomObjectsApi(api_client), client.CoreV1Api(api_client),
+                           client.BatchV1Api(api_client))
+    memo = in_process_memo(api_client, hub)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep(
+        "moved", model={"id": MINILM, "endpoint": hub.url}, cache={"claimName": "roomy", "size": "1Gi"}))
+    reconcile_by_name(memo, namespace, "moved")       # creates the cache PVC
+    wait_for(lambda: core.read_namespaced_persistent_volume_claim("roomy", namespace).status.phase == "Bound", 60,
+             "the cache PVC to bind")
+    memo.apis.hub_sizes.ask(Query(hub.url, MINILM, "main", None, False, False))   # the space check's answer, early
+    memo.apis.hub_sizes.wait(30)
+    older = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "moved")
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "moved",
+                                          {"spec": {"model": {"revision": "v2"}}})
+    reconcile_by_name(memo, namespace, "moved")     # the newer read first: it moves the key and releases the old Job
+    conflicts = REGISTRY.get_sample_value("modeldeploy_operator_reconciles_total", {"result": "conflict"}) or 0
+    reconcile(older, memo)
+    assert REGISTRY.get_sample_value("modeldeploy_operator_reconciles_total", {"result": "conflict"}) == conflicts + 1
+    kept = [(j.metadata.name, j.metadata.annotations["modeldeploy.io/model"])
+            for j in batch.list_namespaced_job(namespace).items if not j.metadata.deletion_timestamp]
+    assert not [job for job in kept if job[1].endswith("@main")], kept
+    assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "moved")["status"][
+        "observedGeneration"] == 2

@@ -66,8 +66,8 @@ def reconcile_as_read(body, memo) -> Observation:
     observation = Observation(generation=meta.get("generation", 1))
     started, result = time.monotonic(), "error"
     try:
-        observe(body, memo.apis, memo.config, observation)
         try:
+            observe(body, memo.apis, memo.config, observation)
             status = write_status(memo.apis, body, observation, previous)
         except StaleRead:
             result = "conflict"

@@ -27,11 +27,11 @@ from modeldeploy.pull.sizing import claim_size
 from modeldeploy.reconcile import events, garbage
 from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_absent, last_progress, pods_of,
                                             prune_jobs, pull_pods, read_claim, read_or_none, read_pull_job,
-                                            server_problem)
+                                            server_problem, still_as_read)
 from modeldeploy.reconcile.hub_sizes import PENDING, Query
 from modeldeploy.reconcile.pull_state import (RESULT_ANNOTATION, PullState, pull_state, recorded_line,
                                               true_conditions)
-from modeldeploy.reconcile.status import Observation
+from modeldeploy.reconcile.status import Observation, StaleRead
 from modeldeploy.reconcile.views import BY_CLAIM
 
 log = logging.getLogger("modeldeploy.operator")
@@ -286,6 +286,12 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         if create_if_absent(apis.batch.create_namespaced_job, namespace, build_pull_job(spec, config, key, commit)):
             log.info("mdep %s/%s: pull job %s created for %s@%s", namespace, name, job_name, spec.model.id,
                      commit or spec.model.revision)
+            if not still_as_read(apis, body):
+                # A read older than the resource (a lagging view; a reconcile that began before a change or the
+                # deletion) made a Job whose release may have run already: it goes now, and the reconcile runs again
+                # on a fresh read.
+                garbage.collect(apis, config, namespace, prune=False)
+                raise StaleRead()
         o.weights = (False, "Pulling", PullState().message)     # as the Job will say until its pod runs
         return None
     pods = pull_pods(apis, namespace, job_name)

@@ -3,8 +3,9 @@ reads its resource and its children without asking the API server: the cost of a
 
 A view can lag a write by a moment. Every decision made on one is level-triggered (the watch event that brings the
 newer object reconciles again), a create that finds the object already there (409) is taken as made, and a status
-written over a stale read is refused (resourceVersion) and redone on a fresh GET. Without views (a reconcile run
-outside kopf's handlers, as some tests do) every read goes to the API server."""
+written over a stale read is refused (resourceVersion) and redone on a fresh GET. A pull Job, which no later event
+would take back, is checked against the resource right after it is made (steps.weights_step). Without views (a
+reconcile run outside kopf's handlers, as some tests do) every read goes to the API server."""
 
 from __future__ import annotations
 
