@@ -74,6 +74,8 @@ class CacheDefaults(Settings):
 class PullDefaults(Settings):
 
     backoff_limit: int = 3                      # Job retries of transient failures (exit code 4)
+    # How often unused pull Jobs are also looked for on a timer (besides deletions, spec changes and start-up)
+    collect_interval_seconds: float = Field(600.0, gt=0)
     # source -> the endpoints pulls use when a resource names none, in order (default: the source's own hub)
     endpoints: dict[Source, list[str]] = Field(default_factory=dict)
     # source -> further endpoints a resource may name in spec.model.endpoint; ["*"]: any (single-tenant clusters)

@@ -16,9 +16,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
+from modeldeploy.api import parse_spec
+from modeldeploy.config import OperatorConfig
+from modeldeploy.manifests.common import weights_key
+from modeldeploy.manifests.pull_job import build_pull_job
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, condition, crd, mdep  # noqa: F401 (crd: fixture)
 from tests.cluster.test_operator_pull import NODE_ADDRESS, kubectl
 from tests.helpers import REPO, free_port, operator_process, wait_for
@@ -204,6 +209,27 @@ def test_a_deletion_while_the_operator_was_down_is_caught_up(api_client, kubecon
                  "the old model's Job to go and the new one's to come",
                  detail=lambda: (status_of(custom, namespace, "kept"), [j.metadata.name for j in
                                                                         batch.list_namespaced_job(namespace).items]))
+
+
+def test_a_pull_job_no_resource_pulls_goes_on_the_timer(api_client, kubeconfig, namespace, crd, tmp_path):  # noqa: F811
+    """Besides deletions, spec changes and start-up, the operator looks for unused pull Jobs on a timer: one those
+    collections could not take back (the API server failing them; a reconcile of an older read that made its Job
+    after them) goes too. Here such a Job, made as the operator makes them but for weights no resource pulls,
+    appears while the operator runs; the Job a resource uses stays."""
+    custom, batch = client.CustomObjectsApi(api_client), client.BatchV1Api(api_client)
+    config = "registry: localhost\nimagePullPolicy: Never\npull: {collectIntervalSeconds: 2}\n"
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mdep("kept", model={"id": "org/b"}))
+    with operator_process(kubeconfig, namespace, tmp_path, config):
+        kept = wait_for(lambda: [j.metadata.name for j in batch.list_namespaced_job(namespace).items], 90,
+                        "the resource's pull Job")       # the operator is up: its start-up collection is behind it
+        operator_config = OperatorConfig.model_validate(yaml.safe_load(config))
+        spec = parse_spec(mdep("left", model={"id": "org/left"}))
+        left = batch.create_namespaced_job(namespace, build_pull_job(spec, operator_config,
+                                                                     weights_key(spec, operator_config)))
+        wait_for(lambda: [j.metadata.name for j in batch.list_namespaced_job(namespace).items
+                          if not j.metadata.deletion_timestamp] == kept, 30, "the unused Job to go",
+                 detail=lambda: [j.metadata.name for j in batch.list_namespaced_job(namespace).items])
+    assert left.metadata.name not in kept
 
 
 def kept_job(batch, namespace: str) -> str:

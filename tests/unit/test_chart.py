@@ -110,13 +110,15 @@ def test_namespaced_watch_has_nothing_cluster_wide(helm):
 def test_values_reach_the_operator_configuration(helm):
     docs = template(helm, "--set", "image.repository=registry.example/md", "--set", "image.tag=dev",
                     "--set", "config.profiles.cpu.images.builtin=registry.example/rt:dev",
-                    "--set", "config.cache.storageClassName=fast", "--set", "config.imagePullPolicy=Never")
+                    "--set", "config.cache.storageClassName=fast", "--set", "config.imagePullPolicy=Never",
+                    "--set", "config.pull.collectIntervalSeconds=30")
     [configmap] = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-config")]
     config = OperatorConfig.model_validate(yaml.safe_load(configmap["data"]["config.yaml"]))
     assert config.operator_image == "registry.example/md:dev"
     assert config.profiles["cpu"].images["builtin"] == "registry.example/rt:dev"
     assert config.profiles["nvidia"].images["builtin"].startswith("ghcr.io/modeldeploy/")
     assert config.cache.storage_class_name == "fast" and config.image_pull_policy == "Never"
+    assert config.pull.collect_interval_seconds == 30
     gateway, deployment = sorted(by_kind(docs, "Deployment"), key=lambda d: d["metadata"]["name"] != "md-modeldeploy-gateway")
     assert gateway["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/md:dev"
     pod = deployment["spec"]["template"]["spec"]
@@ -134,6 +136,7 @@ def test_values_reach_the_operator_configuration(helm):
     (["--set", "config.profiles.cpu.shmSise=1Gi"], "shmSise"),
     (["--set", "replicaCount=3"], "replicaCount"),
     (["--set", "monitoring.operatorMetrics.port=8081"], "port"),
+    (["--set", "config.pull.collectIntervalSeconds=0"], "collectIntervalSeconds"),
 ])
 def test_bad_values_are_refused_by_the_schema(helm, values, message):
     assert message in template_error(helm, *values)

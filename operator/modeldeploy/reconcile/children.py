@@ -145,15 +145,6 @@ def read_mdep(apis: Apis, namespace: str, name: str, fresh: bool = False) -> dic
     return live
 
 
-def still_as_read(apis: Apis, body: dict) -> bool:
-    """Whether the API server still has the resource `body` is a read of, at the same spec (generation)."""
-    meta = body["metadata"]
-    live = read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, meta["namespace"], PLURAL,
-                        meta["name"])
-    return live is not None and not live["metadata"].get("deletionTimestamp") and \
-        live["metadata"].get("uid") == meta.get("uid") and live["metadata"].get("generation") == meta.get("generation")
-
-
 def went(apis: Apis, body: dict) -> None:
     """The API server says this resource is gone while the view still has it: the view is not read for it again."""
     apis.gone.add(body["metadata"].get("uid"))

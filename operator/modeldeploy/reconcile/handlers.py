@@ -140,12 +140,17 @@ def autoscaler_moved(body) -> bool:
 
 @kopf.on.startup()
 def collect_garbage_at_start(memo: kopf.Memo, **_) -> None:
+    collect_everywhere(memo, "at start-up")
+
+
+def collect_everywhere(memo, when: str, prune: bool = True) -> None:
     """Never fails: a start-up handler that raised would keep kopf from watching anything, for every tenant."""
     for namespace in getattr(memo, "namespaces", None) or [None]:
         try:
-            garbage.collect(memo.apis, memo.config, namespace)
+            garbage.collect(memo.apis, memo.config, namespace, prune=prune)
         except Exception:
-            log.exception("collecting unused pull Jobs at start-up failed (namespace %s); deletions go on", namespace)
+            log.exception("collecting unused pull Jobs %s failed (namespace %s); it is tried again later", when,
+                          namespace)
 
 
 # -- children's events --------------------------------------------------------------------------------------------
@@ -197,7 +202,11 @@ def on_claim(type, namespace, name, body, memo, by_claim: kopf.Index, **kwargs):
 
 # Download progress lives in the pull pod's log, which makes no events: a background loop refreshes the resources
 # whose pull pod runs, and only those, and runs the reconciles that asked to look again later. (Not kopf timers: they
-# put a finalizer on each resource, which would make deletion hang whenever the operator is not running.)
+# put a finalizer on each resource, which would make deletion hang whenever the operator is not running.) The same
+# loop looks for unused pull Jobs now and then: one that a collection after a deletion or a change could not take
+# back (the API server failing it; a reconcile of an older read that made its Job after that collection, when the
+# spec changed again before its check) goes within config.pull.collectIntervalSeconds. Without pruning: pods may
+# still serve that snapshot.
 PROGRESS_INTERVAL = 5.0
 TICK_SECONDS = 1.0
 
@@ -215,7 +224,8 @@ async def stop_progress_refresher(memo: kopf.Memo, **_) -> None:
 
 async def refresh_forever(memo) -> None:
     """Never waits for a reconcile: one stuck on a slow request must not hold back every other resource's turn."""
-    progress_at, running = time.monotonic(), {}
+    progress_at = collected_at = time.monotonic()
+    running, collecting = {}, None
     while True:
         await asyncio.sleep(TICK_SECONDS)
         try:
@@ -227,6 +237,10 @@ async def refresh_forever(memo) -> None:
             if now - progress_at >= PROGRESS_INTERVAL:
                 due |= set(memo.refreshing) - set(running)
                 progress_at = now
+            if now - collected_at >= memo.config.pull.collect_interval_seconds and not (collecting and
+                                                                                        not collecting.done()):
+                collecting = memo.fan_out.submit(collect_everywhere, memo, "on the timer", False)
+                collected_at = now
             for namespace, name in sorted(due):
                 # Fresh: the turn is the timer's, and a resource deleted while the watch was down must end here.
                 running[(namespace, name)] = memo.fan_out.submit(reconcile_by_name, memo, namespace, name, True)

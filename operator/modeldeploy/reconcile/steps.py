@@ -15,7 +15,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
 from modeldeploy import endpoints
-from modeldeploy.api import ModelDeploymentSpec, SpecError, name_problems, parse_spec
+from modeldeploy.api import GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, name_problems, parse_spec
 from modeldeploy.manifests.cache import build_cache_pvc
 from modeldeploy.manifests.common import ANNOTATION_MODEL, pull_job_name, weights_key
 from modeldeploy.manifests.monitoring import POD_MONITOR_API, build_pod_monitor
@@ -27,7 +27,7 @@ from modeldeploy.pull.sizing import claim_size
 from modeldeploy.reconcile import events, garbage
 from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_absent, last_progress, pods_of,
                                             prune_jobs, pull_pods, read_claim, read_or_none, read_pull_job,
-                                            server_problem, still_as_read)
+                                            server_problem)
 from modeldeploy.reconcile.hub_sizes import PENDING, Query
 from modeldeploy.reconcile.pull_state import (RESULT_ANNOTATION, PullState, pull_state, recorded_line,
                                               true_conditions)
@@ -286,7 +286,7 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         if create_if_absent(apis.batch.create_namespaced_job, namespace, build_pull_job(spec, config, key, commit)):
             log.info("mdep %s/%s: pull job %s created for %s@%s", namespace, name, job_name, spec.model.id,
                      commit or spec.model.revision)
-            if not still_as_read(apis, body):
+            if not still_pulls(apis, config, body, key):
                 # A read older than the resource (a lagging view; a reconcile that began before a change or the
                 # deletion) made a Job whose release may have run already: it goes now, and the reconcile runs again
                 # on a fresh read.
@@ -324,6 +324,15 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
                                 files=state.result.get("files"), bytesPerSecond=None, etaSeconds=None)  # None: removed
     o.weights = (True, "Pulled", state.message)
     return commit, served_gguf(state.result.get("file_endpoints") or {})
+
+
+def still_pulls(apis: Apis, config: OperatorConfig, body, key: str) -> bool:
+    """Whether the resource `body` is a read of, as the API server has it now, still pulls weights `key`."""
+    meta = body["metadata"]
+    live = read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, meta["namespace"], PLURAL,
+                        meta["name"])
+    return live is not None and not live["metadata"].get("deletionTimestamp") and \
+        live["metadata"].get("uid") == meta.get("uid") and garbage.key_or_none(live, config) == key
 
 
 def prune_running(apis: Apis, namespace: str, spec: ModelDeploymentSpec) -> str | None:
