@@ -9,6 +9,7 @@ Prometheus Operator's CRD exists, and not before.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -296,7 +297,7 @@ def test_two_reconciles_of_one_read_write_and_post_once(api_client, namespace, c
     assert condition(custom, namespace, "twice", "Stalled")["reason"] == "NoSpace"
 
 
-def test_a_pull_job_made_from_an_older_read_is_taken_back(api_client, namespace, crd, hub):  # noqa: F811
+def test_a_pull_job_made_from_an_older_read_is_taken_back(api_client, namespace, crd, hub, caplog):  # noqa: F811
     """A reconcile can work from a read older than the resource: a lagging view, or one that began before the spec
     changed. Its pull Job for the old weights may come after whatever released the old Job had run, and nothing
     would take it back (CI saw one stay, pulling weights no resource wanted). Here the model's revision moves, the
@@ -317,7 +318,10 @@ def test_a_pull_job_made_from_an_older_read_is_taken_back(api_client, namespace,
                                           {"spec": {"model": {"revision": "v2"}}})
     reconcile_by_name(memo, namespace, "moved")     # the newer read first: it moves the key and releases the old Job
     conflicts = REGISTRY.get_sample_value("modeldeploy_operator_reconciles_total", {"result": "conflict"}) or 0
-    reconcile(older, memo)
+    with caplog.at_level(logging.INFO, logger="modeldeploy.operator"):
+        reconcile(older, memo)
+    made = [r.getMessage() for r in caplog.records if "pull job" in r.getMessage() and "created" in r.getMessage()]
+    assert [m for m in made if m.endswith("@main")], made        # the older read did make its Job
     assert REGISTRY.get_sample_value("modeldeploy_operator_reconciles_total", {"result": "conflict"}) == conflicts + 1
     kept = [(j.metadata.name, j.metadata.annotations["modeldeploy.io/model"])
             for j in batch.list_namespaced_job(namespace).items if not j.metadata.deletion_timestamp]

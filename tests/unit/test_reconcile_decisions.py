@@ -179,6 +179,26 @@ def test_pull_jobs_no_live_resource_needs_are_garbage():
     assert unused_jobs(jobs[:1], [live], config) == []
 
 
+def test_a_snapshot_is_in_use_while_a_resource_still_rolls_off_it():
+    """A collection (at start-up, on the timer, after a deletion) prunes what no resource on the cache uses. A
+    resource that moved to another commit still has pods on its previous snapshot until they roll: that one stays,
+    except for the resource's own prune once its pods have rolled."""
+    from modeldeploy.reconcile.garbage import snapshots_in_use
+
+    old, new = "a" * 40, "b" * 40
+    rolling = mdep("r", "org/a")
+    rolling["spec"]["cache"] = {"claimName": "shared"}
+    rolling["status"] = {"resolvedRevision": new, "previousSnapshot": f"org/a@{old}"}
+    elsewhere = mdep("e", "org/e")         # another cache: not counted
+    elsewhere["status"] = {"resolvedRevision": old, "previousSnapshot": f"org/e@{old}"}
+    resolving = mdep("s", "org/s")
+    resolving["spec"]["cache"] = {"claimName": "shared"}
+    assert snapshots_in_use([rolling, elsewhere, resolving], "shared") == ({f"org/a@{new}", f"org/a@{old}"},
+                                                                          {"org/s"})
+    assert snapshots_in_use([rolling, elsewhere, resolving], "shared", rolled_off_by="r") == ({f"org/a@{new}"},
+                                                                                             {"org/s"})
+
+
 def test_a_status_just_written_is_read_until_the_watch_brings_it_or_something_newer():
     """A child's event that comes before the watch brings the operator's own status write would otherwise reconcile
     over the stale view, write the same status again and be refused (409): a GET and a PATCH for nothing."""

@@ -80,8 +80,10 @@ def claim_of(job: dict) -> str | None:
     return next((v["persistentVolumeClaim"]["claimName"] for v in volumes if v.get("persistentVolumeClaim")), None)
 
 
-def snapshots_in_use(mdeps: list[dict], claim: str) -> tuple[set[str], set[str]]:
-    """(ORG/NAME@COMMIT of every live resource on this cache, models some live resource has not resolved yet)."""
+def snapshots_in_use(mdeps: list[dict], claim: str, rolled_off_by: str | None = None) -> tuple[set[str], set[str]]:
+    """(ORG/NAME@COMMIT of every live resource on this cache, and those their pods may still serve while they roll
+    off them (status.previousSnapshot), except the one resource `rolled_off_by` names, whose pods just did; models
+    some live resource has not resolved yet)."""
     used, unresolved = set(), set()
     for body in mdeps:
         if body["metadata"].get("deletionTimestamp"):
@@ -92,11 +94,13 @@ def snapshots_in_use(mdeps: list[dict], claim: str) -> tuple[set[str], set[str]]
             continue
         if spec.cache.claim_name != claim:
             continue
-        commit = (body.get("status") or {}).get("resolvedRevision")
-        if commit:
-            used.add(f"{spec.model.id}@{commit}")
+        status = body.get("status") or {}
+        if status.get("resolvedRevision"):
+            used.add(f"{spec.model.id}@{status['resolvedRevision']}")
         else:
             unresolved.add(spec.model.id)
+        if status.get("previousSnapshot") and body["metadata"]["name"] != rolled_off_by:
+            used.add(status["previousSnapshot"])
     return used, unresolved
 
 
@@ -109,15 +113,15 @@ def prune_if_unused(apis: Apis, config: OperatorConfig, job: dict, mdeps: list[d
     prune_snapshot(apis, config, job["metadata"]["namespace"], claim, f"{result['repo']}@{result['commit']}", mdeps)
 
 
-def prune_previous(apis: Apis, config: OperatorConfig, namespace: str, claim: str, snapshot: str) -> None:
-    """A resource rolled off `snapshot` (ORG/NAME@COMMIT: its model or revision moved): that snapshot leaves the
+def prune_previous(apis: Apis, config: OperatorConfig, namespace: str, name: str, claim: str, snapshot: str) -> None:
+    """Resource `name` rolled off `snapshot` (ORG/NAME@COMMIT: its model or revision moved): that snapshot leaves the
     cache unless another resource uses it."""
     mdeps = apis.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-    prune_snapshot(apis, config, namespace, claim, snapshot, mdeps)
+    prune_snapshot(apis, config, namespace, claim, snapshot, mdeps, rolled_off_by=name)
 
 
 def prune_snapshot(apis: Apis, config: OperatorConfig, namespace: str, claim: str, snapshot: str,
-                   mdeps: list[dict]) -> None:
+                   mdeps: list[dict], rolled_off_by: str | None = None) -> None:
     model, _, commit = snapshot.rpartition("@")
     try:   # what a Job's annotation says is checked: a tenant can write it
         names.repo_id(model)
@@ -126,7 +130,7 @@ def prune_snapshot(apis: Apis, config: OperatorConfig, namespace: str, claim: st
     except ValueError:
         log.warning("cache %s/%s: not pruning %r: not a model@commit", namespace, claim, snapshot)
         return
-    used, unresolved = snapshots_in_use(mdeps, claim)
+    used, unresolved = snapshots_in_use(mdeps, claim, rolled_off_by)
     if snapshot in used or model in unresolved:
         return
     try:

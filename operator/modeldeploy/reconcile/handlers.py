@@ -140,14 +140,15 @@ def autoscaler_moved(body) -> bool:
 
 @kopf.on.startup()
 def collect_garbage_at_start(memo: kopf.Memo, **_) -> None:
+    """Never fails (collect_everywhere): a start-up handler that raised would keep kopf from watching anything, for
+    every tenant."""
     collect_everywhere(memo, "at start-up")
 
 
-def collect_everywhere(memo, when: str, prune: bool = True) -> None:
-    """Never fails: a start-up handler that raised would keep kopf from watching anything, for every tenant."""
+def collect_everywhere(memo, when: str) -> None:
     for namespace in getattr(memo, "namespaces", None) or [None]:
         try:
-            garbage.collect(memo.apis, memo.config, namespace, prune=prune)
+            garbage.collect(memo.apis, memo.config, namespace)
         except Exception:
             log.exception("collecting unused pull Jobs %s failed (namespace %s); it is tried again later", when,
                           namespace)
@@ -203,10 +204,10 @@ def on_claim(type, namespace, name, body, memo, by_claim: kopf.Index, **kwargs):
 # Download progress lives in the pull pod's log, which makes no events: a background loop refreshes the resources
 # whose pull pod runs, and only those, and runs the reconciles that asked to look again later. (Not kopf timers: they
 # put a finalizer on each resource, which would make deletion hang whenever the operator is not running.) The same
-# loop looks for unused pull Jobs now and then: one that a collection after a deletion or a change could not take
-# back (the API server failing it; a reconcile of an older read that made its Job after that collection, when the
-# spec changed again before its check) goes within config.pull.collectIntervalSeconds. Without pruning: pods may
-# still serve that snapshot.
+# loop looks for unused pull Jobs now and then, as start-up does: one that the collections after deletions and
+# changes could not take back goes within config.pull.collectIntervalSeconds (the API server failed that collection,
+# or the check after a Job was made; the spec moved back to its old weights right after a reconcile made and checked
+# its Job, so its status write was refused and the redo moved no key).
 PROGRESS_INTERVAL = 5.0
 TICK_SECONDS = 1.0
 
@@ -237,9 +238,9 @@ async def refresh_forever(memo) -> None:
             if now - progress_at >= PROGRESS_INTERVAL:
                 due |= set(memo.refreshing) - set(running)
                 progress_at = now
-            if now - collected_at >= memo.config.pull.collect_interval_seconds and not (collecting and
-                                                                                        not collecting.done()):
-                collecting = memo.fan_out.submit(collect_everywhere, memo, "on the timer", False)
+            if now - collected_at >= memo.config.pull.collect_interval_seconds and (collecting is None or
+                                                                                    collecting.done()):
+                collecting = memo.fan_out.submit(collect_everywhere, memo, "on the timer")
                 collected_at = now
             for namespace, name in sorted(due):
                 # Fresh: the turn is the timer's, and a resource deleted while the watch was down must end here.

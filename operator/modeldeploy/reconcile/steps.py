@@ -419,7 +419,7 @@ def serving_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
         previous = o.fields.get("previousSnapshot") or (body.get("status") or {}).get("previousSnapshot")
         if previous and previous != f"{spec.model.id}@{commit}":     # rolled out: no pod serves it any more
             if config.cache.prune:
-                garbage.prune_previous(apis, config, namespace, spec.cache.claim_name, previous)
+                garbage.prune_previous(apis, config, namespace, name, spec.cache.claim_name, previous)
             o.fields["previousSnapshot"] = None
         return
     selector = ",".join(f"{k}={v}" for k, v in server_selector(name).items())
