@@ -213,8 +213,8 @@ def test_a_deletion_while_the_operator_was_down_is_caught_up(api_client, kubecon
 
 def test_a_pull_job_no_resource_pulls_goes_on_the_timer(api_client, kubeconfig, namespace, crd, tmp_path):  # noqa: F811
     """Besides deletions, spec changes and start-up, the operator looks for unused pull Jobs on a timer: one those
-    collections could not take back (the API server failing them; a reconcile of an older read that made its Job
-    after them) goes too. Here such a Job, made as the operator makes them but for weights no resource pulls,
+    collections could not take back (the API server failing them, or the check after a Job is made; a spec moved
+    back right after that check) goes too. Here such a Job, made as the operator makes them but for weights no resource pulls,
     appears while the operator runs; the Job a resource uses stays."""
     custom, batch = client.CustomObjectsApi(api_client), client.BatchV1Api(api_client)
     config = "registry: localhost\nimagePullPolicy: Never\npull: {collectIntervalSeconds: 2}\n"

@@ -15,7 +15,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
 from modeldeploy import endpoints
-from modeldeploy.api import GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, name_problems, parse_spec
+from modeldeploy.api import ModelDeploymentSpec, SpecError, name_problems, parse_spec
 from modeldeploy.manifests.cache import build_cache_pvc
 from modeldeploy.manifests.common import ANNOTATION_MODEL, pull_job_name, weights_key
 from modeldeploy.manifests.monitoring import POD_MONITOR_API, build_pod_monitor
@@ -26,7 +26,7 @@ from modeldeploy.pull.selection import served_gguf
 from modeldeploy.pull.sizing import claim_size
 from modeldeploy.reconcile import events, garbage
 from modeldeploy.reconcile.children import (Apis, Refused, apply, create_if_absent, last_progress, pods_of,
-                                            prune_jobs, pull_pods, read_claim, read_or_none, read_pull_job,
+                                            prune_jobs, pull_pods, read_claim, read_mdep, read_or_none, read_pull_job,
                                             server_problem)
 from modeldeploy.reconcile.hub_sizes import PENDING, Query
 from modeldeploy.reconcile.pull_state import (RESULT_ANNOTATION, PullState, pull_state, recorded_line,
@@ -329,8 +329,7 @@ def weights_step(body, spec: ModelDeploymentSpec, apis: Apis, config: OperatorCo
 def still_pulls(apis: Apis, config: OperatorConfig, body, key: str) -> bool:
     """Whether the resource `body` is a read of, as the API server has it now, still pulls weights `key`."""
     meta = body["metadata"]
-    live = read_or_none(apis.custom.get_namespaced_custom_object, GROUP, VERSION, meta["namespace"], PLURAL,
-                        meta["name"])
+    live = read_mdep(apis, meta["namespace"], meta["name"], fresh=True)
     return live is not None and not live["metadata"].get("deletionTimestamp") and \
         live["metadata"].get("uid") == meta.get("uid") and garbage.key_or_none(live, config) == key
 
